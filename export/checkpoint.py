@@ -1,0 +1,228 @@
+"""The checkpoints SAMBA users have, and the canonical samba-edge directory.
+
+Accepted forms of CHECKPOINT (every command that takes one):
+  * `builtin:NAME`                 a model shipped inside the package (export/builtin/NAME)
+  * a canonical directory          config.json + model.safetensors (or a sharded
+                                   model.safetensors.index.json), optional tokenizer.json / tokenizer.model
+  * an official training pickle    `iter-XXXXXX-ckpt.pth` = {"model": state_dict, "hparams": ...}
+                                   or a bare state dict; read with torch.load(weights_only=True) only
+The state dict is checked against the config before any weight is used: missing, unexpected,
+mis-shaped or non-float tensors are listed in one error, never partially loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from samba_edge.export.config import SambaConfig, get_config
+from samba_edge.export.model import Samba
+from samba_edge.runtime.errors import SambaEdgeError
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+TIED = ("transformer.wte.weight", "lm_head.weight")
+_WRAPPER_PREFIXES = ("_forward_module.", "module.", "_orig_mod.")   # Fabric / DDP / torch.compile
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FP32_PARAMS = ("A_log", ".D", "dt_proj.bias")       # scan parameters stay fp32 in every precision
+
+
+@dataclass
+class Checkpoint:
+    config: SambaConfig
+    state_dict: dict[str, torch.Tensor]
+    source: str
+    directory: Optional[Path] = None        # where tokenizer files may live
+
+    def model(self, dtype: torch.dtype = torch.float32) -> Samba:
+        """The model with these weights (built on meta, so no memory is spent on a throwaway init)."""
+        with torch.device("meta"):
+            m = Samba(self.config)
+        sd = {k: v.float() if k.endswith(FP32_PARAMS) else v.to(dtype) for k, v in self.state_dict.items()}
+        m.load_state_dict(sd, strict=True, assign=True)
+        m.lm_head.weight = m.transformer.wte.weight                      # re-tie after assign
+        return m.eval()
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / "config.json").is_file()) if BUILTIN_DIR.is_dir() else []
+
+
+def resolve(spec: str) -> Path:
+    """`builtin:NAME` -> its directory; anything else -> an existing path."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        path = BUILTIN_DIR / name
+        if not (path / "config.json").is_file():
+            raise SambaEdgeError(f"unknown built-in model {name!r}; available: {', '.join(builtin_names()) or 'none'}")
+        return path
+    path = Path(spec)
+    if not path.exists():
+        raise SambaEdgeError(f"checkpoint {spec} not found; pass a checkpoint directory, a .pth file or builtin:NAME")
+    return path
+
+
+def expected_shapes(cfg: SambaConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        m = Samba(cfg)
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+def check_state_dict(sd: dict, cfg: SambaConfig, source: str) -> dict[str, torch.Tensor]:
+    """Validate against `cfg`; returns the state dict with wrapper prefixes removed and the tie filled."""
+    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) for k in sd):
+        raise SambaEdgeError(f"{source} does not hold a state dict (a mapping of parameter names to tensors)")
+    for prefix in _WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    sd = dict(sd)
+    present = [k for k in TIED if k in sd]
+    if len(present) == 2 and sd[TIED[0]].shape == sd[TIED[1]].shape and not torch.equal(sd[TIED[0]], sd[TIED[1]]):
+        raise SambaEdgeError(f"{source}: lm_head.weight differs from transformer.wte.weight, but SAMBA ties them")
+    if len(present) == 1:
+        sd[TIED[1 - TIED.index(present[0])]] = sd[present[0]]
+    want = expected_shapes(cfg)
+    problems = [f"missing {k}" for k in want if k not in sd]
+    problems += [f"unexpected {k}" for k in sd if k not in want]
+    for k, v in sd.items():
+        if k not in want:
+            continue
+        if not isinstance(v, torch.Tensor):
+            problems.append(f"{k} is a {type(v).__name__}, not a tensor")
+        elif tuple(v.shape) != want[k]:
+            problems.append(f"{k} has shape {tuple(v.shape)}, expected {want[k]}")
+        elif v.dtype not in _FLOAT_DTYPES:
+            problems.append(f"{k} has dtype {v.dtype}, expected a float type")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise SambaEdgeError(f"{source} does not match config {cfg.name!r}: {'; '.join(problems[:5])}{more}; "
+                             "pass the config the checkpoint was trained with (--config)")
+    return sd
+
+
+def _config_for(directory: Optional[Path], config: Optional[str], hparams: Optional[dict], source: str) -> SambaConfig:
+    if config is not None:
+        return get_config(config)
+    if directory is not None and (directory / "config.json").is_file():
+        return SambaConfig.from_json(directory / "config.json")
+    if isinstance(hparams, dict) and isinstance(hparams.get("model_name"), str):
+        return get_config(hparams["model_name"])           # official pretrain.py records it
+    raise SambaEdgeError(f"{source} carries no config; pass --config NAME|FILE.json (e.g. --config Samba_421M)")
+
+
+def _load_pickle(path: Path) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - torch raises several types for bad files
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise SambaEdgeError(f"{path} needs code execution to unpickle; refused (weights_only=True). "
+                                 "Re-save the state dict with torch.save(model.state_dict()) or convert it") from None
+        raise SambaEdgeError(f"{path} is not a readable torch checkpoint ({msg}); is it truncated?") from None
+    if not isinstance(obj, dict):
+        raise SambaEdgeError(f"{path} holds a {type(obj).__name__}, not a state dict or a training checkpoint")
+    return obj
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A .safetensors file, or a directory with model.safetensors or a sharded index."""
+    from safetensors.torch import load_file
+
+    directory = path if path.is_dir() else path.parent
+    index = directory / "model.safetensors.index.json"
+    if not path.is_dir():
+        files = [path]
+    elif (directory / "model.safetensors").is_file():
+        files = [directory / "model.safetensors"]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SambaEdgeError(f"{index} is not a valid safetensors index ({e})") from None
+        files = [directory / f for f in sorted(set(weight_map.values()))]
+    else:
+        raise SambaEdgeError(f"{directory} has no model.safetensors or model.safetensors.index.json")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            sd.update(load_file(f))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+            raise SambaEdgeError(f"{f} is not a readable safetensors file ({str(e).splitlines()[0]}); is it truncated?") from None
+    return sd
+
+
+def load_checkpoint(spec: str, config: Optional[str] = None) -> Checkpoint:
+    path = resolve(spec)
+    if path.is_dir():
+        cfg = _config_for(path, config, None, str(path))
+        return Checkpoint(cfg, check_state_dict(_load_safetensors(path), cfg, str(path)), spec, path)
+    if path.suffix == ".safetensors":
+        cfg = _config_for(path.parent, config, None, str(path))
+        return Checkpoint(cfg, check_state_dict(_load_safetensors(path), cfg, str(path)), spec, path.parent)
+    obj = _load_pickle(path)
+    hparams = obj.get("hparams")
+    sd = obj["model"] if isinstance(obj.get("model"), dict) else obj
+    cfg = _config_for(None, config, hparams, str(path))
+    return Checkpoint(cfg, check_state_dict(sd, cfg, str(path)), spec, path.parent)
+
+
+# ---- writing ----------------------------------------------------------------------------------
+def atomic_dir(out: Path, force: bool):
+    """Context manager: yields a temp dir next to `out`, renamed onto it only if the body succeeds."""
+    return _AtomicDir(Path(out), force)
+
+
+class _AtomicDir:
+    def __init__(self, out: Path, force: bool) -> None:
+        self.out, self.force = out, force
+
+    def __enter__(self) -> Path:
+        if self.out.exists() and not self.force:
+            raise SambaEdgeError(f"{self.out} already exists; pass --force to replace it or choose another path")
+        parent = self.out.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=parent))
+        except OSError as e:
+            raise SambaEdgeError(f"cannot write to {parent} ({e.strerror}); choose a writable output path") from None
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        umask = os.umask(0)
+        os.umask(umask)
+        for p in [self.tmp, *self.tmp.rglob("*")]:                     # mkdtemp makes 0700; use the umask
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.out, old)
+            os.replace(self.tmp, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.out)
+
+
+def save_canonical(out: Path, ckpt_or_cfg, state_dict: Optional[dict] = None, tokenizer_files=(),
+                   extra_files: Optional[dict[str, str]] = None, force: bool = False) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer and extra text files) atomically."""
+    from safetensors.torch import save_file
+
+    cfg = ckpt_or_cfg.config if isinstance(ckpt_or_cfg, Checkpoint) else ckpt_or_cfg
+    sd = ckpt_or_cfg.state_dict if state_dict is None else state_dict
+    tensors = {k: v.detach().contiguous() for k, v in sd.items() if k != "lm_head.weight"}   # tied: stored once
+    with atomic_dir(out, force) as tmp:
+        cfg.save(tmp / "config.json")
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "samba_config": cfg.name})
+        for f in tokenizer_files:
+            shutil.copy2(f, tmp / Path(f).name)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(out)

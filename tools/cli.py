@@ -1,0 +1,123 @@
+"""`samba-edge`: the command line. Each command is a thin layer over one public function.
+
+Start-up imports no torch: every command imports what it needs when it runs. Bad input raises
+SambaEdgeError, printed as one line with exit code 2 (a traceback only with --debug).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import click
+
+from samba_edge.runtime.errors import SambaEdgeError
+
+CHECKPOINT_HELP = "a checkpoint directory, an official .pth training checkpoint, or builtin:NAME"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="show full tracebacks")
+@click.version_option(package_name="samba-edge")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """SAMBA from PyTorch checkpoints to exact inference on NVIDIA GPUs and Jetson."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.argument("checkpoint", required=False)
+@click.option("--config", "config", help="preset name or config JSON (alone: inspect the shape only)")
+@click.option("--batch", default=1, show_default=True, help="streams, for the state-size figure")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def inspect(checkpoint: Optional[str], config: Optional[str], batch: int, as_json: bool) -> None:
+    """Layer map, parameter count and per-stream recurrent state size."""
+    from samba_edge.tools.inspect_model import inspect_model, render_text
+
+    info = inspect_model(checkpoint, config, batch)
+    click.echo(json.dumps(info, indent=2) if as_json else render_text(info))
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("-o", "--out", required=True, help="output directory (canonical format)")
+@click.option("--config", help="preset name or config JSON (needed when the checkpoint has none)")
+@click.option("--tokenizer", help="tokenizer.json / tokenizer.model to copy alongside")
+@click.option("--force", is_flag=True, help="replace an existing output directory")
+def convert(checkpoint: str, out: str, config: Optional[str], tokenizer: Optional[str], force: bool) -> None:
+    """Official training checkpoint -> canonical directory (config.json + model.safetensors)."""
+    from samba_edge.tools.convert import convert_checkpoint
+
+    path = convert_checkpoint(checkpoint, out, config, tokenizer, force)
+    click.echo(f"wrote {path}")
+
+
+@cli.command(name="eval")
+@click.argument("checkpoint")
+@click.option("--text", type=str, help="UTF-8 text file to score")
+@click.option("--token-ids", type=str, help=".npy file of token ids (1-D int)")
+@click.option("--config", help="preset name or config JSON")
+@click.option("--tokenizer", help="tokenizer file or directory (default: the checkpoint's)")
+@click.option("--chunk", type=int, help="feed tokens in chunks of N, carrying state (default: all at once)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object: tokens, nll, ppl[, bits_per_byte]")
+def eval_cmd(checkpoint: str, text: Optional[str], token_ids: Optional[str], config: Optional[str],
+             tokenizer: Optional[str], chunk: Optional[int], as_json: bool) -> None:
+    """Next-token NLL (nats), perplexity and bits per byte through the streaming path."""
+    from samba_edge.tools.evaluate import evaluate
+
+    res = evaluate(checkpoint, text=text, token_ids=token_ids, config=config, chunk=chunk, tokenizer=tokenizer)
+    if as_json:
+        click.echo(json.dumps(res))
+    else:
+        click.echo("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))
+
+
+@cli.command()
+@click.argument("checkpoint", default="builtin:samba-tiny-py")
+@click.option("-p", "--prompt", default="def fibonacci(n):", show_default=True)
+@click.option("-n", "--max-new-tokens", default=120, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy")
+@click.option("--top-k", default=0, show_default=True, help="0 = no top-k filter")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--config", help="preset name or config JSON")
+@click.option("--tokenizer", help="tokenizer file or directory (default: the checkpoint's)")
+def generate(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
+             config: Optional[str], tokenizer: Optional[str]) -> None:
+    """Continue a prompt, streaming text as it is produced."""
+    from samba_edge.tools.generate import generate_text
+
+    pieces = generate_text(checkpoint, prompt, max_new_tokens, temperature, top_k, seed, config, tokenizer)
+    click.echo(prompt, nl=False)
+    for piece in pieces:
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="samba-edge", standalone_mode=False)
+    except SambaEdgeError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:                  # usage errors: one line, exit 2
+        if debug:
+            raise
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - last resort: one line, never a silent failure
+        if debug:
+            raise
+        click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
