@@ -233,7 +233,7 @@ def get_config(name_or_path: str) -> SambaConfig:
         return SambaConfig(name=name_or_path, **PRESETS[name_or_path])
     if name_or_path in NOT_SAMBA or name_or_path.startswith(("Mamba_SWA_MLP", "S6Mega")) or "_abl_mamba" in name_or_path:
         why = NOT_SAMBA.get(name_or_path, "an official ablation, not SAMBA")
-        raise SambaEdgeError(f"config {name_or_path!r} is {why}; samba-edge exports only SAMBA models "
+        raise SambaEdgeError(f"config {name_or_path!r} is {why}, not SAMBA; samba-edge exports only SAMBA models "
                              f"(presets: {', '.join(p for p in PRESETS if p.startswith('Samba'))})")
     if name_or_path.endswith(".json") or Path(name_or_path).is_file():
         return SambaConfig.from_json(name_or_path)
