@@ -91,8 +91,9 @@ def test_mamba_mixer_matches_transformers():
         got, _, _ = ours(h, torch.zeros(B, E, cfg.d_conv - 1), torch.zeros(B, E, cfg.d_state))
         ref = hf(h)
     assert ref.abs().max() > 0.1
-    err = (got - ref).abs().max().item()
-    assert err <= 1e-5, f"Mamba vs transformers MambaMixer max-abs {err:.3e}"
+    err, scale = (got - ref).abs().max().item(), ref.abs().max().item()
+    # outputs are O(0.1) (out_proj is scaled down at init), so also bound the error relative to them
+    assert err <= 1e-5 and err <= 1e-5 * scale, f"Mamba vs transformers MambaMixer max-abs {err:.3e} (|ref| {scale:.3f})"
 
 
 # ---- sliding-window attention op vs naive band-masked attention -------------------------------
