@@ -1,0 +1,161 @@
+"""`samba-edge export`: a checkpoint -> an artifact directory (model.onnx + manifest.json + tokenizer).
+
+ONE step graph serves prefill chunks and single-token decode:
+    inputs   input_ids int64 [batch, seq], start_pos int64 [batch], every layer's state (fp32)
+    outputs  logits fp32 [batch, seq|1, padded_vocab], every layer's next state ("<name>.out")
+Batch and seq are dynamic; the window state has a fixed length W-1, so no shape ever grows.
+Both flavours come from one trace: `plugin` keeps the samba.* custom nodes; `portable` inlines
+their standard-op bodies (export/onnx_ops.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from importlib.metadata import version as pkg_version
+from pathlib import Path
+from typing import Optional
+
+from samba_edge.runtime.errors import SambaEdgeError
+from samba_edge.runtime.manifest import Manifest, StateSpec, TensorSpec
+
+FLAVORS = ("plugin", "portable")
+MIN_OPSET, DEFAULT_OPSET = 18, 18
+EXTERNAL_DATA_BYTES = 256 * 2**20          # larger weights go to model.onnx.data (protobuf caps at 2 GiB)
+
+
+def weights_fingerprint(state_dict) -> str:
+    """sha256 over sorted (name, dtype, shape, bytes); the tied head counted once."""
+    import torch
+
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        if k == "lm_head.weight":
+            continue
+        t = state_dict[k].detach().contiguous().cpu()
+        h.update(f"{k}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def build_manifest(cfg, flavor: str, opset: int, max_chunk: int, logits: str, fingerprint: str,
+                   tokenizer: Optional[str], special: dict) -> Manifest:
+    state = []
+    for name, shape in cfg.state_shapes(1):
+        kind, layer = name.split(".")
+        state.append(StateSpec(name=name, output=f"{name}.out", layer=int(layer), kind=kind, shape=list(shape[1:])))
+    inputs = [TensorSpec("input_ids", "int64", ["batch", "seq"]), TensorSpec("start_pos", "int64", ["batch"])]
+    inputs += [TensorSpec(s.name, s.dtype, ["batch", *s.shape]) for s in state]
+    outputs = [TensorSpec("logits", "float32", ["batch", "seq" if logits == "all" else 1, cfg.padded_vocab_size])]
+    outputs += [TensorSpec(s.output, s.dtype, ["batch", *s.shape]) for s in state]
+    custom = [{"name": op, "domain": "samba", "plugin_version": "1"}
+              for op in ("SelectiveScan", "SlidingWindowAttention")] if flavor == "plugin" else []
+    return Manifest(model=cfg.to_dict(), flavor=flavor, dtype="float32", opset=opset, max_chunk=max_chunk,
+                    logits=logits, inputs=inputs, outputs=outputs, state=state, fingerprint=fingerprint,
+                    window=cfg.local_window, tokenizer=tokenizer, special_tokens=special, custom_ops=custom,
+                    samba_edge_version=pkg_version("samba-edge"))
+
+
+def _step_module(model, last_only: bool):
+    """An nn.Module with the graph's argument layout (the state as one list)."""
+    import torch
+
+    class Step(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, start_pos, state):
+            return self.model(input_ids, start_pos, *state, last_only=last_only)
+
+    return Step()
+
+
+def trace_onnx(model, flavor: str, opset: int, max_chunk: int, last_only: bool):
+    """torch.onnx.export(dynamo=True) with the custom ops translated to samba.* nodes."""
+    import onnx
+    import torch
+
+    from samba_edge.export.onnx_ops import to_portable, translation_table
+
+    cfg = model.config
+    names = [n for n, _ in cfg.state_shapes(1)]
+    b, t = 2, 3                                                   # > 1, so neither axis specialises
+    args = (torch.zeros(b, t, dtype=torch.long), torch.zeros(b, dtype=torch.long), model.empty_state(b))
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq", min=1, max=max(max_chunk, 2))
+    dyn = {"input_ids": {0: batch, 1: seq}, "start_pos": {0: batch}, "state": [{0: batch} for _ in names]}
+    with warnings.catch_warnings(), _quiet_exporter():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(_step_module(model, last_only), args, dynamo=True, dynamic_shapes=dyn, opset_version=opset,
+                                 custom_translation_table=translation_table(cfg), optimize=True, verbose=False,
+                                 input_names=["input_ids", "start_pos", *names],
+                                 output_names=["logits", *[f"{n}.out" for n in names]])
+    proto = prog.model_proto
+    if flavor == "portable":
+        proto = to_portable(proto, cfg, opset)
+    proto.producer_name, proto.producer_version = "samba-edge", pkg_version("samba-edge")
+    return onnx.ModelProto.FromString(proto.SerializeToString())
+
+
+class _quiet_exporter:
+    """The dynamo exporter logs progress with emoji at INFO/print level; keep the CLI's output ours."""
+
+    def __enter__(self):
+        import contextlib
+        import io
+
+        self._redirect = contextlib.redirect_stdout(io.StringIO())
+        self._redirect.__enter__()
+        logging.disable(logging.WARNING)
+
+    def __exit__(self, *exc):
+        logging.disable(logging.NOTSET)
+        self._redirect.__exit__(*exc)
+
+
+def export_onnx(checkpoint: str, out: str | Path, flavor: str = "plugin", config: Optional[str] = None,
+                max_chunk: int = 256, opset: int = DEFAULT_OPSET, logits: str = "all", force: bool = False,
+                tokenizer: Optional[str] = None) -> Path:
+    """Public entry of `samba-edge export`. Writes atomically: OUTDIR appears complete or not at all."""
+    import shutil
+
+    import onnx
+
+    from samba_edge.export.checkpoint import atomic_dir, load_checkpoint
+    from samba_edge.export.onnx_ops import register_schemas
+    from samba_edge.runtime.tokenizer import find_tokenizer, load_tokenizer
+
+    if flavor not in FLAVORS:
+        raise SambaEdgeError(f"unknown flavour {flavor!r}; use one of: {', '.join(FLAVORS)}")
+    if opset < MIN_OPSET:
+        raise SambaEdgeError(f"opset {opset} is too old for the ops this graph uses (Scan/Softmax/Range with "
+                             f"dynamic shapes via the dynamo exporter); use --opset {MIN_OPSET} or newer")
+    if max_chunk < 1:
+        raise SambaEdgeError(f"--max-chunk must be >= 1, got {max_chunk}")
+    if logits not in ("all", "last"):
+        raise SambaEdgeError(f"--logits must be 'all' or 'last', got {logits!r}")
+    out = Path(out)
+    if out.exists() and not force:
+        raise SambaEdgeError(f"{out} already exists; pass --force to replace it or choose another path")
+    ckpt = load_checkpoint(checkpoint, config)
+    tok_path = (load_tokenizer(tokenizer=tokenizer).path if tokenizer else find_tokenizer(ckpt.directory))
+    special = {}
+    if tok_path is not None:
+        tok = load_tokenizer(tokenizer=tok_path)
+        special = {"bos": tok.bos_id, "eos": tok.eos_id}
+    model = ckpt.model()
+    proto = trace_onnx(model, flavor, opset, max_chunk, logits == "last")
+    register_schemas()
+    manifest = build_manifest(model.config, flavor, opset, max_chunk, logits, weights_fingerprint(ckpt.state_dict),
+                              tok_path.name if tok_path else None, special)
+    onnx.helper.set_model_props(proto, {"samba_edge.fingerprint": manifest.fingerprint, "samba_edge.flavor": flavor})
+    with atomic_dir(out, force) as tmp:
+        large = sum(len(t.raw_data) for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
+        onnx.save_model(proto, str(tmp / "model.onnx"), save_as_external_data=large, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        onnx.checker.check_model(str(tmp / "model.onnx"), full_check=True)
+        (tmp / "manifest.json").write_text(manifest.to_json())
+        if tok_path is not None:
+            shutil.copy2(tok_path, tmp / tok_path.name)
+    return out

@@ -1,0 +1,64 @@
+"""Run the plugin-flavour graph on ONNX Runtime (CPU) through the numpy references.
+
+Why onnxruntime-extensions: it registers Python callables as ORT custom ops with no compiler and
+no ORT headers (the wheels ship none), so the one numpy reference per op (plugins/reference.py)
+is also what ORT executes; a compiled C++ library would be a second implementation to keep in
+sync. Its ops live in domain `ai.onnx.contrib`, so the `samba` nodes are re-domained in a private
+copy of the graph (the artifact on disk is untouched). Cost: a few us per call plus numpy speed;
+this path is the CPU reference, not a production CPU backend (the portable flavour is).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from samba_edge.plugins.reference import REFERENCES
+from samba_edge.runtime.errors import SambaEdgeError
+
+CONTRIB = "ai.onnx.contrib"
+_registered = False
+
+
+def register_reference_ops() -> str:
+    """Register both references once per process; returns the extensions library path."""
+    global _registered
+    try:
+        from onnxruntime_extensions import PyCustomOpDef as P
+        from onnxruntime_extensions import get_library_path, onnx_op
+    except ImportError:
+        raise SambaEdgeError("running the plugin flavour on ONNX Runtime needs onnxruntime-extensions: "
+                             "pip install onnxruntime-extensions (or export --flavor portable)") from None
+    if not _registered:
+        f, i64, s = P.dt_float, P.dt_int64, P.dt_string
+        scan, swa = REFERENCES["SelectiveScan"], REFERENCES["SlidingWindowAttention"]
+        onnx_op(op_type="SelectiveScan", inputs=[f] * 9, outputs=[f, f],
+                attrs={"plugin_version": s, "delta_softplus": i64, "d_inner": i64, "d_state": i64})(
+            lambda *x, delta_softplus=1, **_: scan(*x, delta_softplus=delta_softplus))
+        onnx_op(op_type="SlidingWindowAttention", inputs=[f] * 5 + [i64], outputs=[f, f, f],
+                attrs={"plugin_version": s, "window": i64, "scale": f, "num_heads": i64, "num_kv_heads": i64,
+                       "head_size": i64})(
+            lambda *x, window, scale, **_: swa(*x, window=window, scale=scale))
+        _registered = True
+    return get_library_path()
+
+
+def plugin_session(model_path: str | Path, session_options=None, providers=None):
+    """An InferenceSession for a plugin-flavour model; samba.* nodes run the numpy references."""
+    import onnx
+    import onnxruntime as ort
+
+    model_path = Path(model_path)
+    so = session_options or ort.SessionOptions()
+    so.register_custom_ops_library(register_reference_ops())
+    proto = onnx.load(str(model_path), load_external_data=False)
+    for node in proto.graph.node:
+        if node.domain == "samba":
+            node.domain = CONTRIB
+    proto.opset_import.append(onnx.helper.make_opsetid(CONTRIB, 1))
+    with tempfile.TemporaryDirectory(prefix="samba-ort-") as tmp:   # ORT reads external data at creation
+        data = model_path.with_name("model.onnx.data")
+        if data.exists():
+            os.symlink(data.resolve(), Path(tmp) / data.name)
+        onnx.save_model(proto, str(Path(tmp) / "model.onnx"))
+        return ort.InferenceSession(str(Path(tmp) / "model.onnx"), so, providers=providers or ["CPUExecutionProvider"])
