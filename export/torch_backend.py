@@ -1,28 +1,35 @@
 """The PyTorch model behind the runtime's backend interface (numpy in, numpy out)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from samba_edge.export.checkpoint import load_checkpoint
-from samba_edge.export.onnx_export import build_manifest, weights_fingerprint
+from samba_edge.export.onnx_export import build_manifest
 
 
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, checkpoint: str, config: Optional[str] = None, last_only: bool = False) -> None:
-        self.checkpoint = load_checkpoint(checkpoint, config)
-        self.model = self.checkpoint.model()
-        self.last_only = last_only
-        self.manifest = build_manifest(self.model.config, "torch", 0, self.model.config.block_size,
-                                       "last" if last_only else "all",
-                                       weights_fingerprint(self.checkpoint.state_dict), None, {})
+    def __init__(self, model, directory: Optional[Path] = None, fingerprint: str = "", last_only: bool = False) -> None:
+        self.model, self.directory, self.last_only = model.eval(), directory, last_only
+        cfg = model.config
+        self.manifest = build_manifest(cfg, "torch", 0, cfg.block_size, "last" if last_only else "all",
+                                       fingerprint, None, {})
+
+    @classmethod
+    def open(cls, checkpoint: str, config: Optional[str] = None, last_only: bool = False) -> "TorchBackend":
+        from samba_edge.export.checkpoint import load_checkpoint
+        from samba_edge.export.onnx_export import weights_fingerprint
+
+        ckpt = load_checkpoint(checkpoint, config)
+        return cls(ckpt.model(), ckpt.directory, weights_fingerprint(ckpt.state_dict), last_only)
 
     @torch.no_grad()
     def run(self, input_ids: np.ndarray, start_pos: np.ndarray, state: Sequence[np.ndarray]):
-        out = self.model(torch.as_tensor(np.asarray(input_ids, np.int64)), torch.as_tensor(np.asarray(start_pos, np.int64)),
+        out = self.model(torch.as_tensor(np.asarray(input_ids, np.int64)),
+                         torch.as_tensor(np.asarray(start_pos, np.int64)),
                          *[torch.as_tensor(s) for s in state], last_only=self.last_only)
         return out[0].numpy(), [s.numpy() for s in out[1:]]

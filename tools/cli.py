@@ -58,18 +58,44 @@ def convert(checkpoint: str, out: str, config: Optional[str], tokenizer: Optiona
 @click.option("--token-ids", type=str, help=".npy file of token ids (1-D int)")
 @click.option("--config", help="preset name or config JSON")
 @click.option("--tokenizer", help="tokenizer file or directory (default: the checkpoint's)")
-@click.option("--chunk", type=int, help="feed tokens in chunks of N, carrying state (default: all at once)")
+@click.option("--chunk", type=int, help="feed tokens in chunks of N, carrying state "
+              "(default: all at once; an artifact's max chunk)")
+@click.option("--backend", default="auto", show_default=True,
+              help="torch (checkpoint) | ort (exported artifact) | auto")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object: tokens, nll, ppl[, bits_per_byte]")
 def eval_cmd(checkpoint: str, text: Optional[str], token_ids: Optional[str], config: Optional[str],
-             tokenizer: Optional[str], chunk: Optional[int], as_json: bool) -> None:
-    """Next-token NLL (nats), perplexity and bits per byte through the streaming path."""
+             tokenizer: Optional[str], chunk: Optional[int], backend: str, as_json: bool) -> None:
+    """Next-token NLL (nats), perplexity and bits per byte through the streaming path.
+
+    CHECKPOINT may also be an exported artifact directory (run with --backend ort)."""
     from samba_edge.tools.evaluate import evaluate
 
-    res = evaluate(checkpoint, text=text, token_ids=token_ids, config=config, chunk=chunk, tokenizer=tokenizer)
+    res = evaluate(checkpoint, text=text, token_ids=token_ids, config=config, chunk=chunk, tokenizer=tokenizer,
+                   backend=backend)
     if as_json:
         click.echo(json.dumps(res))
     else:
         click.echo("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("-o", "--out", required=True, help="artifact directory to create")
+@click.option("--flavor", default="plugin", show_default=True,
+              help="plugin (samba.* custom ops for TensorRT) | portable (standard ONNX ops only)")
+@click.option("--config", help="preset name or config JSON (needed when the checkpoint has none)")
+@click.option("--max-chunk", default=256, show_default=True, help="largest prefill chunk the graph serves")
+@click.option("--opset", default=18, show_default=True, help="ONNX opset (>= 18)")
+@click.option("--logits", default="all", show_default=True, help="all positions | last position only")
+@click.option("--tokenizer", help="tokenizer to ship (default: the checkpoint's)")
+@click.option("--force", is_flag=True, help="replace an existing output directory")
+def export(checkpoint: str, out: str, flavor: str, config: Optional[str], max_chunk: int, opset: int, logits: str,
+           tokenizer: Optional[str], force: bool) -> None:
+    """Checkpoint -> model.onnx + manifest.json + tokenizer (one step graph, state as graph I/O)."""
+    from samba_edge.export.onnx_export import export_onnx
+
+    path = export_onnx(checkpoint, out, flavor, config, max_chunk, opset, logits, force, tokenizer)
+    click.echo(f"wrote {path} ({flavor} flavour)")
 
 
 @cli.command()

@@ -40,16 +40,16 @@ def heldout_texts(ckpt_dir: Path, limit: int | None = None) -> list[str]:
 def main(checkpoint: str, limit: int | None, chunk: int, as_json: bool) -> None:
     import torch
 
-    from samba_edge.export.checkpoint import load_checkpoint
+    from samba_edge.export.torch_backend import TorchBackend
     from samba_edge.runtime.tokenizer import load_tokenizer
     from samba_edge.tools.evaluate import score_documents
 
     torch.set_num_threads(2)
-    ckpt = load_checkpoint(checkpoint)
-    texts = heldout_texts(ckpt.directory, limit)
+    backend = TorchBackend.open(checkpoint)
+    texts = heldout_texts(backend.directory, limit)
     raw = [t.encode("utf-8") for t in texts]
     n_bytes = sum(len(b) for b in raw)
-    model_stats = score_documents(ckpt.model(), load_tokenizer(ckpt.directory), texts, chunk)
+    model_stats = score_documents(backend, load_tokenizer(backend.directory), texts, chunk)
     res = {
         "files": len(texts), "bytes": n_bytes,
         "model_bits_per_byte": model_stats["bits_per_byte"], "model_ppl": model_stats["ppl"],

@@ -14,23 +14,45 @@ import numpy as np
 from samba_edge.runtime.errors import SambaEdgeError
 
 
-def stream_nll(model, ids: np.ndarray, chunk: Optional[int] = None) -> np.ndarray:
-    """NLL (nats) of ids[1:] given their prefixes, feeding chunks of `chunk` tokens (default: all)."""
-    import torch
-
-    ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]            # (1, L)
-    L = ids_t.shape[1]
+def stream_nll(backend, ids: np.ndarray, chunk: Optional[int] = None) -> np.ndarray:
+    """NLL (nats) of ids[1:] given their prefixes, feeding chunks of `chunk` tokens (default: all),
+    with the backend's state carried between calls."""
+    ids = np.asarray(ids, dtype=np.int64)
+    L = len(ids)
     chunk = chunk or L
-    state = model.empty_state(1)
+    state = backend.manifest.empty_state(1)
     out = []
-    with torch.no_grad():
-        for p in range(0, L - 1, chunk):
-            piece = ids_t[:, p:min(p + chunk, L - 1)]                         # the last token is only a target
-            logits, *state = model(piece, torch.tensor([p]), *state)
-            logp = torch.log_softmax(logits[0].float(), dim=-1)
-            tgt = ids_t[0, p + 1:p + 1 + piece.shape[1]]
-            out.append(-logp.gather(1, tgt[:, None])[:, 0])
-    return torch.cat(out).double().numpy() if out else np.zeros(0)
+    for p in range(0, L - 1, chunk):
+        piece = ids[p:min(p + chunk, L - 1)]                                   # the last token is only a target
+        logits, state = backend.run(piece[None], np.array([p]), state)
+        z = logits[0].astype(np.float64)
+        z -= z.max(axis=-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+        tgt = ids[p + 1:p + 1 + len(piece)]
+        out.append(-logp[np.arange(len(piece)), tgt])
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def open_backend(path: str, backend: str = "auto", config: Optional[str] = None):
+    """An exported artifact (manifest.json) runs on ort; a checkpoint runs on torch."""
+    is_artifact = not path.startswith("builtin:") and (Path(path) / "manifest.json").is_file()
+    if backend == "auto":
+        backend = "ort" if is_artifact else "torch"
+    if backend == "torch":
+        if is_artifact:
+            raise SambaEdgeError(f"{path} is an exported artifact; the torch backend takes a checkpoint "
+                                 "(use --backend ort)")
+        from samba_edge.export.torch_backend import TorchBackend
+
+        return TorchBackend.open(path, config)
+    if backend == "ort":
+        if not is_artifact:
+            raise SambaEdgeError(f"{path} is not an exported artifact; run `samba-edge export {path} -o DIR` "
+                                 "first, or use --backend torch")
+        from samba_edge.runtime.backends import OrtBackend
+
+        return OrtBackend(path)
+    raise SambaEdgeError(f"unknown backend {backend!r}; use auto, torch or ort")
 
 
 def _summary(nll_sum: float, n: int, n_bytes: Optional[int]) -> dict:
@@ -40,7 +62,7 @@ def _summary(nll_sum: float, n: int, n_bytes: Optional[int]) -> dict:
     return res
 
 
-def score_documents(model, tokenizer, docs: Sequence[str], chunk: Optional[int] = None) -> dict:
+def score_documents(backend, tokenizer, docs: Sequence[str], chunk: Optional[int] = None) -> dict:
     """Each document from an empty state, preceded by the document-start token, so every byte is scored."""
     start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     nll_sum, n, n_bytes = 0.0, 0, 0
@@ -53,7 +75,7 @@ def score_documents(model, tokenizer, docs: Sequence[str], chunk: Optional[int] 
             n_bytes += len(text.encode("utf-8")) - len(tokenizer.decode(ids[:1]).encode("utf-8"))
         if len(ids) < 2:
             continue
-        nll = stream_nll(model, np.asarray(ids), chunk)
+        nll = stream_nll(backend, np.asarray(ids), chunk)
         nll_sum += float(nll.sum())
         n += len(nll)
     if n == 0:
@@ -84,9 +106,9 @@ def load_token_ids(path: str | Path, vocab: int) -> np.ndarray:
 
 
 def evaluate(checkpoint: str, text: Optional[str] = None, token_ids: Optional[str] = None,
-             config: Optional[str] = None, chunk: Optional[int] = None, tokenizer: Optional[str] = None) -> dict:
-    """Public entry of `samba-edge eval` for a PyTorch checkpoint."""
-    from samba_edge.export.checkpoint import load_checkpoint
+             config: Optional[str] = None, chunk: Optional[int] = None, tokenizer: Optional[str] = None,
+             backend: str = "auto") -> dict:
+    """Public entry of `samba-edge eval`: a checkpoint (torch) or an exported artifact (ort)."""
     from samba_edge.runtime.tokenizer import load_tokenizer
 
     if (text is None) == (token_ids is None):
@@ -102,11 +124,13 @@ def evaluate(checkpoint: str, text: Optional[str] = None, token_ids: Optional[st
             raise SambaEdgeError(f"text file {text} is not UTF-8 text") from None
         if not body:
             raise SambaEdgeError(f"text file {text} is empty; nothing to evaluate")
-    ckpt = load_checkpoint(checkpoint, config)
-    model = ckpt.model()
+    be = open_backend(checkpoint, backend, config)
+    if be.name != "torch":
+        limit = be.manifest.max_chunk
+        if chunk is not None and chunk > limit:
+            raise SambaEdgeError(f"--chunk {chunk} exceeds the artifact's max chunk {limit}; use --chunk <= {limit}")
+        chunk = chunk or limit
     if token_ids is not None:
-        ids = load_token_ids(token_ids, ckpt.config.vocab_size)
-        nll = stream_nll(model, ids, chunk)
+        nll = stream_nll(be, load_token_ids(token_ids, be.manifest.vocab_size), chunk)
         return _summary(float(nll.sum()), len(nll), None)
-    tok = load_tokenizer(ckpt.directory, tokenizer)
-    return score_documents(model, tok, [body], chunk)
+    return score_documents(be, load_tokenizer(be.directory, tokenizer), [body], chunk)

@@ -96,6 +96,7 @@ def main(out: Path, steps: int, batch: int, seq: int, lr: float, seed: int, max_
     from samba_edge.export.checkpoint import save_canonical
     from samba_edge.export.config import SambaConfig
     from samba_edge.export.model import Samba, init_official
+    from samba_edge.export.torch_backend import TorchBackend
     from samba_edge.tools.evaluate import score_documents
 
     t0 = time.time()
@@ -150,7 +151,7 @@ def main(out: Path, steps: int, batch: int, seq: int, lr: float, seed: int, max_
     tok_path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(tok_path))
     from samba_edge.runtime.tokenizer import Tokenizer
-    stats = score_documents(model, Tokenizer(tok_path), [t for _, t in held], chunk=1024)
+    stats = score_documents(TorchBackend(model), Tokenizer(tok_path), [t for _, t in held], chunk=1024)
     print(f"held-out: {stats}", flush=True)
     card = {
         "name": "samba-tiny-py", "corpus": f"CPython {platform.python_version()} standard library .py sources "
