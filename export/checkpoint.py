@@ -172,6 +172,19 @@ def load_checkpoint(spec: str, config: Optional[str] = None) -> Checkpoint:
 
 
 # ---- writing ----------------------------------------------------------------------------------
+def check_output(out: Path, force: bool) -> None:
+    """Fail before any work if OUT exists (without --force) or its parent cannot be written."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise SambaEdgeError(f"{out} already exists; pass --force to replace it or choose another path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(out.parent, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise SambaEdgeError(f"cannot write to {out.parent} ({e.strerror}); choose a writable output path") from None
+
+
 def atomic_dir(out: Path, force: bool):
     """Context manager: yields a temp dir next to `out`, renamed onto it only if the body succeeds."""
     return _AtomicDir(Path(out), force)
@@ -182,14 +195,8 @@ class _AtomicDir:
         self.out, self.force = out, force
 
     def __enter__(self) -> Path:
-        if self.out.exists() and not self.force:
-            raise SambaEdgeError(f"{self.out} already exists; pass --force to replace it or choose another path")
-        parent = self.out.parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=parent))
-        except OSError as e:
-            raise SambaEdgeError(f"cannot write to {parent} ({e.strerror}); choose a writable output path") from None
+        check_output(self.out, self.force)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=self.out.parent))
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:

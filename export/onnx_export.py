@@ -73,7 +73,7 @@ def _step_module(model, last_only: bool):
 
 def trace_onnx(model, flavor: str, opset: int, max_chunk: int, last_only: bool):
     """torch.onnx.export(dynamo=True) with the custom ops translated to samba.* nodes."""
-    import onnx
+    import onnx_ir as ir
     import torch
 
     from samba_edge.export.onnx_ops import to_portable, translation_table
@@ -91,11 +91,11 @@ def trace_onnx(model, flavor: str, opset: int, max_chunk: int, last_only: bool):
                                  custom_translation_table=translation_table(cfg), optimize=True, verbose=False,
                                  input_names=["input_ids", "start_pos", *names],
                                  output_names=["logits", *[f"{n}.out" for n in names]])
-    proto = prog.model_proto
+    model_ir = prog.model
     if flavor == "portable":
-        proto = to_portable(proto, cfg, opset)
-    proto.producer_name, proto.producer_version = "samba-edge", pkg_version("samba-edge")
-    return onnx.ModelProto.FromString(proto.SerializeToString())
+        to_portable(model_ir, cfg, opset)
+    model_ir.producer_name, model_ir.producer_version = "samba-edge", pkg_version("samba-edge")
+    return ir.serde.serialize_model(model_ir)
 
 
 class _quiet_exporter:
@@ -122,7 +122,7 @@ def export_onnx(checkpoint: str, out: str | Path, flavor: str = "plugin", config
 
     import onnx
 
-    from samba_edge.export.checkpoint import atomic_dir, load_checkpoint
+    from samba_edge.export.checkpoint import atomic_dir, check_output, load_checkpoint
     from samba_edge.export.onnx_ops import register_schemas
     from samba_edge.runtime.tokenizer import find_tokenizer, load_tokenizer
 
@@ -136,8 +136,7 @@ def export_onnx(checkpoint: str, out: str | Path, flavor: str = "plugin", config
     if logits not in ("all", "last"):
         raise SambaEdgeError(f"--logits must be 'all' or 'last', got {logits!r}")
     out = Path(out)
-    if out.exists() and not force:
-        raise SambaEdgeError(f"{out} already exists; pass --force to replace it or choose another path")
+    check_output(out, force)
     ckpt = load_checkpoint(checkpoint, config)
     tok_path = (load_tokenizer(tokenizer=tokenizer).path if tokenizer else find_tokenizer(ckpt.directory))
     special = {}

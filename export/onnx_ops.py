@@ -162,14 +162,18 @@ def _swa_function(cfg: SambaConfig, opset: int) -> onnx.FunctionProto:
                                 nodes, [helper.make_opsetid("", opset)])
 
 
-def to_portable(model: onnx.ModelProto, cfg: SambaConfig, opset: int) -> onnx.ModelProto:
-    """Replace every samba.* node by its standard-op body: no custom domain remains."""
-    import onnx.inliner
+def to_portable(model, cfg: SambaConfig, opset: int):
+    """Replace every samba.* node of an `onnx_ir.Model` by its standard-op body, in place.
 
-    model.functions.extend([_scan_function(opset), _swa_function(cfg, opset)])
-    model = onnx.inliner.inline_local_functions(model)
-    del model.functions[:]
-    keep = [o for o in model.opset_import if o.domain != DOMAIN]
-    del model.opset_import[:]
-    model.opset_import.extend(keep)
+    Done on the IR (not with onnx.inliner on a ModelProto) so models above protobuf's 2 GiB work."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import InlinePass, RemoveUnusedFunctionsPass, RemoveUnusedOpsetsPass
+
+    for fn in (_scan_function(opset), _swa_function(cfg, opset)):
+        f = ir.serde.deserialize_function(fn)
+        model.functions[f.identifier()] = f
+    InlinePass()(model)
+    RemoveUnusedFunctionsPass()(model)
+    model.opset_imports.pop(DOMAIN, None)
+    RemoveUnusedOpsetsPass()(model)
     return model
