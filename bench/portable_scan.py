@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import onnx
+import onnx.inliner
 import onnxruntime as ort
 from onnx import TensorProto, helper
 

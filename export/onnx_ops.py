@@ -89,14 +89,16 @@ def _scan_function(opset: int) -> onnx.FunctionProto:
     """y, s = SelectiveScan(...) as an ONNX Scan over time; everything fp32."""
     n = helper.make_node
     f32 = TensorProto.FLOAT
+    bEN = ["b", "E", "N"]                     # ORT wants the body's output ranks declared
     body = helper.make_graph(
         [_const("body_ax1", [1]), _const("body_ax2", [2]),
          n("Mul", ["dA_t", "s"], ["decayed"]), n("Add", ["decayed", "dBu_t"], ["s_next"]),
          n("Unsqueeze", ["C_t", "body_ax1"], ["C_t1"]), n("Mul", ["s_next", "C_t1"], ["sc"]),
          n("ReduceSum", ["sc", "body_ax2"], ["y_t"], keepdims=0), n("Identity", ["s_next"], ["s_out"])],
         "selective_scan_step",
-        [helper.make_tensor_value_info(x, f32, None) for x in ("s", "dA_t", "dBu_t", "C_t")],
-        [helper.make_tensor_value_info(x, f32, None) for x in ("s_out", "y_t")])
+        [helper.make_tensor_value_info(x, f32, shape) for x, shape in
+         (("s", bEN), ("dA_t", bEN), ("dBu_t", bEN), ("C_t", ["b", "N"]))],
+        [helper.make_tensor_value_info("s_out", f32, bEN), helper.make_tensor_value_info("y_t", f32, ["b", "E"])])
     nodes = [
         _const("ax1", [1]), _const("ax2", [2]), _const("ax3", [3]),
         n("Unsqueeze", ["delta_bias", "ax1"], ["bias2"]), n("Add", ["delta", "bias2"], ["dpre"]),

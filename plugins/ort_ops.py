@@ -9,8 +9,6 @@ this path is the CPU reference, not a production CPU backend (the portable flavo
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from samba_edge.plugins.reference import REFERENCES
@@ -56,9 +54,6 @@ def plugin_session(model_path: str | Path, session_options=None, providers=None)
         if node.domain == "samba":
             node.domain = CONTRIB
     proto.opset_import.append(onnx.helper.make_opsetid(CONTRIB, 1))
-    with tempfile.TemporaryDirectory(prefix="samba-ort-") as tmp:   # ORT reads external data at creation
-        data = model_path.with_name("model.onnx.data")
-        if data.exists():
-            os.symlink(data.resolve(), Path(tmp) / data.name)
-        onnx.save_model(proto, str(Path(tmp) / "model.onnx"))
-        return ort.InferenceSession(str(Path(tmp) / "model.onnx"), so, providers=providers or ["CPUExecutionProvider"])
+    # from bytes (the graph only); external weights are read from the artifact's own directory
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=providers or ["CPUExecutionProvider"])
