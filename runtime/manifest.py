@@ -28,10 +28,10 @@ class TensorSpec:
     name: str
     dtype: str                              # numpy dtype name: int64, float32, float16
     shape: list                             # ints, or symbolic names "batch" / "seq"
+    dynamic_axes: dict = field(default_factory=dict)   # axis (as a string in JSON) -> symbolic name
 
-    @property
-    def dynamic_axes(self) -> dict[int, str]:
-        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+    def __post_init__(self) -> None:
+        self.dynamic_axes = {str(i): d for i, d in enumerate(self.shape) if isinstance(d, str)}
 
 
 @dataclass

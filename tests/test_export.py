@@ -98,6 +98,7 @@ def test_manifest_is_the_table(artifacts, checkpoints):
         assert [None if isinstance(s, str) else s for s in spec.shape] == dims, spec.name
     assert [s.name for s in man.state] == [n for n, _ in checkpoints["tiny_gqa2_w8"][1].config.state_shapes()]
     assert man.state[2].shape == [2, 7, 8] and man.window == 8 and man.max_chunk == 32
+    assert man.inputs[0].dynamic_axes == {"0": "batch", "1": "seq"} and man.inputs[2].dynamic_axes == {"0": "batch"}
     assert len(man.fingerprint) == 64 and man.format_version == 1
 
 
@@ -156,3 +157,14 @@ def test_eval_on_artifact_equals_checkpoint(checkpoints, artifacts, tmp_path):
     with pytest.raises(SambaEdgeError, match="exceeds the artifact's max chunk"):
         evaluate(str(artifacts[("tiny_nope_w16", "plugin")]), token_ids=str(tmp_path / "ids.npy"), chunk=64)
     assert json.loads((artifacts[("tiny_nope_w16", "plugin")] / "manifest.json").read_text())["flavor"] == "plugin"
+
+
+def test_cli_export_errors_exit_2(capsys, checkpoints, tmp_path):
+    from samba_edge.tests.test_cli import run
+
+    ck, _ = checkpoints["tiny_gqa2_w8"]
+    code, _, err = run(capsys, "export", str(ck), "-o", str(tmp_path / "x"), "--flavor", "trt")
+    assert code == 2 and err.count("\n") == 1 and "unknown flavour" in err
+    code, out, err = run(capsys, "export", str(ck), "-o", str(tmp_path / "ok"), "--flavor", "portable",
+                         "--max-chunk", "8")
+    assert code == 0 and (tmp_path / "ok" / "manifest.json").is_file(), err
