@@ -98,25 +98,65 @@ def export(checkpoint: str, out: str, flavor: str, config: Optional[str], max_ch
     click.echo(f"wrote {path} ({flavor} flavour)")
 
 
-@cli.command()
-@click.argument("checkpoint", default="builtin:samba-tiny-py")
-@click.option("-p", "--prompt", default="def fibonacci(n):", show_default=True)
-@click.option("-n", "--max-new-tokens", default=120, show_default=True)
-@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy")
-@click.option("--top-k", default=0, show_default=True, help="0 = no top-k filter")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--config", help="preset name or config JSON")
-@click.option("--tokenizer", help="tokenizer file or directory (default: the checkpoint's)")
-def generate(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
-             config: Optional[str], tokenizer: Optional[str]) -> None:
-    """Continue a prompt, streaming text as it is produced."""
-    from samba_edge.tools.generate import generate_text
+def _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, stop_id):
+    from samba_edge.runtime import SamplingParams
 
-    pieces = generate_text(checkpoint, prompt, max_new_tokens, temperature, top_k, seed, config, tokenizer)
-    click.echo(prompt, nl=False)
-    for piece in pieces:
-        click.echo(piece, nl=False)
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                          seed=seed, max_new_tokens=max_new_tokens, stop=tuple(stop), stop_token_ids=tuple(stop_id))
+
+
+def sampling_options(f):
+    for opt in reversed([
+        click.option("-n", "--max-new-tokens", default=120, show_default=True),
+        click.option("--temperature", default=0.0, show_default=True, help="0 = greedy"),
+        click.option("--top-k", default=0, show_default=True, help="0 = off"),
+        click.option("--top-p", default=1.0, show_default=True, help="1 = off"),
+        click.option("--repetition-penalty", default=1.0, show_default=True, help="1 = off"),
+        click.option("--seed", type=int, help="seed for sampling (default: continue the stream's generator)"),
+        click.option("--stop", multiple=True, help="stop string (repeatable; not printed)"),
+        click.option("--stop-id", multiple=True, type=int, help="stop token id (repeatable)"),
+        click.option("--backend", default="auto", show_default=True,
+                     help="auto | ort (a checkpoint is exported to a cache first) | torch"),
+        click.option("--state-in", help="continue from this snapshot"),
+        click.option("--state-out", help="write the stream's snapshot here at the end (atomically)"),
+    ]):
+        f = opt(f)
+    return f
+
+
+@cli.command()
+@click.argument("artifact", default="builtin:samba-tiny-py")
+@click.option("-p", "--prompt", help="prompt text")
+@click.option("--prompt-file", help="read the prompt from a UTF-8 file")
+@click.option("--tokenizer", help="tokenizer file or directory (default: the artifact's)")
+@sampling_options
+def generate(artifact, prompt, prompt_file, tokenizer, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+             seed, stop, stop_id, backend, state_in, state_out) -> None:
+    """Stream a continuation of a prompt (ARTIFACT: export dir, checkpoint or builtin:NAME)."""
+    from samba_edge.tools.generate import generate as run, read_prompt
+
+    params = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, stop_id)
+    text = read_prompt(prompt, prompt_file)
+    if text:
+        click.echo(text, nl=False)
+    stats = run(artifact, text, params, backend, state_in, state_out, tokenizer)
     click.echo()
+    click.echo(f"[{stats['new_tokens']} tokens, {stats['decode_tok_s']:.1f} tok/s decode, "
+               f"prefill {stats['prefill_s'] * 1e3:.0f} ms, backend {stats['backend']}, position {stats['position']}]",
+               err=True)
+
+
+@cli.command()
+@click.argument("artifact", default="builtin:samba-tiny-py")
+@sampling_options
+def chat(artifact, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, stop_id, backend,
+         state_in, state_out) -> None:
+    """Keep one stream alive across turns: each stdin line is fed, a reply streams back."""
+    from samba_edge.tools.generate import chat as run
+
+    params = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop or ("\n\n",),
+                       stop_id)
+    run(artifact, params, backend, state_in, state_out, write=lambda s: click.echo(s, nl=False))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

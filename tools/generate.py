@@ -1,58 +1,69 @@
-"""`samba-edge generate` on a PyTorch checkpoint: prefill the prompt, then decode token by token."""
+"""`samba-edge generate` / `chat`: stream text from an artifact or a checkpoint through the runtime."""
 from __future__ import annotations
 
-from typing import Iterator, Optional
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
-from samba_edge.runtime.errors import SambaEdgeError
-
-
-def generate_text(checkpoint: str, prompt: str, max_new_tokens: int = 120, temperature: float = 0.0,
-                  top_k: int = 0, seed: int = 0, config: Optional[str] = None,
-                  tokenizer: Optional[str] = None) -> Iterator[str]:
-    """Loads eagerly (so bad input fails before any output), then returns an iterator of text pieces
-    as they are produced; a piece never ends inside a UTF-8 sequence."""
-    import torch
-
-    from samba_edge.export.checkpoint import load_checkpoint
-    from samba_edge.runtime.tokenizer import load_tokenizer
-
-    if max_new_tokens < 0 or temperature < 0 or top_k < 0:
-        raise SambaEdgeError("--max-new-tokens, --temperature and --top-k must be >= 0")
-    ckpt = load_checkpoint(checkpoint, config)
-    tok = load_tokenizer(ckpt.directory, tokenizer)
-    model = ckpt.model()
-    start = tok.bos_id if tok.bos_id is not None else tok.eos_id
-    ids = ([start] if start is not None else []) + tok.encode(prompt)
-    if not ids:
-        raise SambaEdgeError("the prompt is empty and the tokenizer has no start token; give a --prompt")
-    return _stream(model, tok, ids, ckpt.config.vocab_size, max_new_tokens, temperature, top_k, seed)
+from samba_edge.runtime import SamplingParams, SambaEdgeError, open_model
 
 
-def _stream(model, tok, ids: list[int], vocab: int, max_new_tokens: int, temperature: float, top_k: int,
-            seed: int) -> Iterator[str]:
-    import torch
+def read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> Optional[str]:
+    if prompt is not None and prompt_file is not None:
+        raise SambaEdgeError("give --prompt or --prompt-file, not both")
+    if prompt_file is None:
+        return prompt
+    try:
+        return Path(prompt_file).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SambaEdgeError(f"prompt file {prompt_file} not found") from None
+    except UnicodeDecodeError:
+        raise SambaEdgeError(f"prompt file {prompt_file} is not UTF-8 text") from None
 
-    gen = torch.Generator().manual_seed(seed)
-    state = model.empty_state(1)
-    pos, feed, out, emitted = 0, ids, [], ""
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            logits, *state = model(torch.tensor([feed]), torch.tensor([pos]), *state, last_only=True)
-            pos += len(feed)
-            logits = logits[0, -1, :vocab]
-            if temperature == 0:
-                nxt = int(logits.argmax())
-            else:
-                logits = logits / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
-            if nxt == tok.eos_id:
-                break
-            out.append(nxt)
-            feed = [nxt]
-            text = tok.decode(out)
-            if not text.endswith("\ufffd"):                   # hold back an incomplete UTF-8 sequence
-                yield text[len(emitted):]
-                emitted = text
+
+def generate(artifact: str, prompt: Optional[str], params: SamplingParams, backend: str = "auto",
+             state_in: Optional[str] = None, state_out: Optional[str] = None, tokenizer: Optional[str] = None,
+             write: Callable[[str], None] = sys.stdout.write) -> dict:
+    """Stream a continuation through `write`; returns counts and timings. Loads (and validates) eagerly:
+    nothing is written for bad input, and --state-out is only replaced by a complete snapshot."""
+    if not prompt and state_in is None:
+        raise SambaEdgeError("the prompt is empty; give --prompt TEXT, --prompt-file F or --state-in F")
+    model = open_model(artifact, backend, tokenizer=tokenizer)
+    stream = model.restore(state_in) if state_in else model.new_stream()
+    t0 = time.perf_counter()
+    if prompt:
+        stream.feed_text(prompt)
+    t1 = time.perf_counter()
+    n0 = stream.position
+    for piece in stream.generate_text(None, params):
+        write(piece)
+        if hasattr(sys.stdout, "flush"):
+            sys.stdout.flush()
+    t2 = time.perf_counter()
+    if state_out:
+        stream.snapshot(state_out)
+    new = stream.position - n0
+    return {"prompt_tokens": n0 if not state_in else None, "new_tokens": new, "position": stream.position,
+            "prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_tok_s": new / (t2 - t1) if new else 0.0,
+            "backend": model.backend.name}
+
+
+def chat(artifact: str, params: SamplingParams, backend: str = "auto", state_in: Optional[str] = None,
+         state_out: Optional[str] = None, lines: Optional[Sequence[str]] = None,
+         write: Callable[[str], None] = sys.stdout.write) -> int:
+    """One stream kept alive across turns: each input line is fed, then a reply streams back."""
+    model = open_model(artifact, backend)
+    stream = model.restore(state_in) if state_in else model.new_stream()
+    turns = 0
+    for line in (lines if lines is not None else sys.stdin):
+        if not line.strip():
+            continue
+        stream.feed_text(line if line.endswith("\n") else line + "\n")
+        for piece in stream.generate_text(None, params):
+            write(piece)
+        write("\n")
+        turns += 1
+        if state_out:
+            stream.snapshot(state_out)                      # after every turn: a crash loses at most one
+    return turns

@@ -1,0 +1,259 @@
+"""The streaming runtime: a loaded model, many streams over it, each carrying its own state.
+
+    model = open_model("tiny-onnx")                 # export dir (ort) | checkpoint / builtin:NAME (torch)
+    s = model.new_stream()
+    for piece in s.generate_text("def f(x):", SamplingParams(max_new_tokens=40)):
+        print(piece, end="")
+    s.snapshot("conv.safetensors")                  # later, anywhere: model.restore("conv.safetensors")
+
+Everything is driven by the artifact's manifest; positions are exact across any number of calls;
+long inputs are split into chunks of the manifest's max chunk. Torch is imported only for the
+torch backend.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from samba_edge.runtime.errors import SambaEdgeError
+from samba_edge.runtime.sampling import SamplingParams, choose
+from samba_edge.runtime.snapshot import load_snapshot, save_snapshot
+
+BACKENDS = ("auto", "ort", "torch")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SAMBA_EDGE_CACHE", Path.home() / ".cache" / "samba-edge"))
+
+
+def cached_export(checkpoint: str, flavor: str = "portable") -> Path:
+    """Export a checkpoint once (keyed by its files' paths, sizes and mtimes) and reuse the artifact."""
+    from importlib.metadata import version
+
+    from samba_edge.export.checkpoint import resolve
+    from samba_edge.export.onnx_export import export_onnx
+
+    src = resolve(checkpoint).resolve()
+    files = sorted(src.rglob("*")) if src.is_dir() else [src]
+    key = hashlib.sha256(f"{version('samba-edge')}|{flavor}|{src}".encode())
+    for f in files:
+        if f.is_file():
+            st = f.stat()
+            key.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    out = cache_dir() / "exports" / f"{src.name}-{flavor}-{key.hexdigest()[:16]}"
+    if not (out / "manifest.json").is_file():
+        export_onnx(checkpoint, out, flavor=flavor, force=True)
+    return out
+
+
+def open_model(path: str, backend: str = "auto", threads: Optional[int] = None,
+               tokenizer: Optional[str] = None) -> "Model":
+    """Load an artifact or a checkpoint with a backend. `--backend ort` on a checkpoint exports it first."""
+    path = str(path)
+    is_artifact = not path.startswith("builtin:") and (Path(path) / "manifest.json").is_file()
+    if backend not in BACKENDS:
+        raise SambaEdgeError(f"unknown backend {backend!r}; use one of: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "ort" if is_artifact else "torch"
+    if not is_artifact and not path.startswith("builtin:") and not Path(path).exists():
+        raise SambaEdgeError(f"{path} not found; pass an export directory, a checkpoint or builtin:NAME")
+    if backend == "ort":
+        from samba_edge.runtime.backends import OrtBackend
+
+        be = OrtBackend(path if is_artifact else cached_export(path), threads)
+    else:
+        if is_artifact:
+            raise SambaEdgeError(f"{path} is an exported artifact; the torch backend takes a checkpoint (use --backend ort)")
+        try:
+            from samba_edge.export.torch_backend import TorchBackend
+        except ImportError:
+            raise SambaEdgeError("the torch backend needs PyTorch: pip install 'samba-edge[export]'") from None
+        be = TorchBackend.open(path)
+    from samba_edge.runtime.tokenizer import find_tokenizer, load_tokenizer
+
+    tok = load_tokenizer(be.directory, tokenizer) if (tokenizer or find_tokenizer(be.directory)) else None
+    return Model(be, tok)
+
+
+class Model:
+    """One loaded model; any number of independent streams; safe to use from several threads."""
+
+    def __init__(self, backend, tokenizer=None) -> None:
+        self.backend, self.tokenizer, self.manifest = backend, tokenizer, backend.manifest
+        self.vocab_size = self.manifest.vocab_size
+        self.max_chunk = self.manifest.max_chunk
+        self._lock = threading.Lock() if backend.name == "torch" else None   # ORT sessions run concurrently
+
+    def run(self, ids: np.ndarray, start_pos: np.ndarray, state: list[np.ndarray]):
+        if self._lock is None:
+            return self.backend.run(ids, start_pos, state)
+        with self._lock:
+            return self.backend.run(ids, start_pos, state)
+
+    def new_stream(self, seed: int = 0) -> "Stream":
+        return Stream(self, seed)
+
+    def restore(self, path: str | Path) -> "Stream":
+        """A stream continued from a snapshot (from any backend of the same model)."""
+        s = Stream(self, 0)
+        s.load(path)
+        return s
+
+    def step(self, streams: Sequence["Stream"], tokens: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Advance several streams by the same number of tokens in ONE backend call (e.g. batched decode).
+        Rows may sit at different positions. Returns each stream's last-position logits."""
+        if len({len(t) for t in tokens}) != 1 or len(streams) != len(tokens) or not streams:
+            raise SambaEdgeError("a batched step needs one equally long token list per stream")
+        locks = sorted({id(s): s._lock for s in streams}.items())
+        for _, lk in locks:
+            lk.acquire()
+        try:
+            ids = np.stack([streams[i]._check(t) for i, t in enumerate(tokens)])
+            pos = np.array([s.position for s in streams], dtype=np.int64)
+            state = [np.concatenate(parts) for parts in zip(*[s.state for s in streams])]
+            logits, new = self.run(ids, pos, state)
+            out = []
+            for i, s in enumerate(streams):
+                s.state = [x[i:i + 1] for x in new]
+                s._advance(tokens[i], logits[i, -1])
+                out.append(s.last_logits)
+            return out
+        finally:
+            for _, lk in locks:
+                lk.release()
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise SambaEdgeError("this model has no tokenizer; pass token ids or --tokenizer")
+        return self.tokenizer.encode(text)
+
+
+class Stream:
+    """One sequence: its recurrent state, absolute position, last logits and sampler state."""
+
+    def __init__(self, model: Model, seed: int = 0) -> None:
+        self.model = model
+        self.state = model.manifest.empty_state(1)
+        self.position = 0
+        self.last_logits: Optional[np.ndarray] = None
+        self.rng = np.random.default_rng(seed)
+        self.recent: collections.deque = collections.deque(maxlen=4096)
+        self._lock = threading.RLock()
+
+    # ---- feeding ------------------------------------------------------------------------------
+    def _check(self, ids) -> np.ndarray:
+        a = np.asarray(ids, dtype=np.int64).reshape(-1)
+        bad = a[(a < 0) | (a >= self.model.vocab_size)]
+        if bad.size:
+            raise SambaEdgeError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.model.vocab_size})")
+        return a
+
+    def _advance(self, ids, logits: np.ndarray) -> None:
+        self.position += len(ids)
+        self.recent.extend(int(i) for i in ids)
+        self.last_logits = logits[: self.model.vocab_size].astype(np.float32)
+
+    def feed(self, ids) -> np.ndarray:
+        """Consume token ids (any number of calls, any lengths); returns the last position's logits (V,)."""
+        with self._lock:
+            a = self._check(ids)
+            if a.size == 0:
+                raise SambaEdgeError("nothing to feed: the token list is empty")
+            for p in range(0, a.size, self.model.max_chunk):
+                piece = a[p:p + self.model.max_chunk]
+                logits, self.state = self.model.run(piece[None], np.array([self.position]), self.state)
+                self._advance(piece, logits[0, -1])
+            return self.last_logits
+
+    def feed_text(self, text: str) -> np.ndarray:
+        """Text; a fresh stream starts with the tokenizer's document-start token when it has one."""
+        if not text:
+            raise SambaEdgeError("the prompt is empty; give some text")
+        tok = self.model.tokenizer
+        start = None if tok is None else (tok.bos_id if tok.bos_id is not None else tok.eos_id)
+        ids = ([start] if self.position == 0 and start is not None else []) + self.model.encode(text)
+        return self.feed(ids)
+
+    # ---- generation -----------------------------------------------------------------------------
+    def generate_ids(self, params: SamplingParams) -> Iterator[int]:
+        """Yields new token ids. Each is fed before it is yielded, so the stream's state always covers
+        every token produced (a snapshot taken between tokens continues exactly)."""
+        if self.last_logits is None:
+            raise SambaEdgeError("feed a prompt before generating")
+        if params.seed is not None:
+            self.rng = np.random.default_rng(params.seed)
+        stop_ids = set(params.stop_token_ids)
+        eos = self.model.tokenizer.eos_id if self.model.tokenizer is not None else None
+        for _ in range(params.max_new_tokens):
+            with self._lock:
+                recent = list(self.recent)[-params.repetition_window:]
+                tok = choose(self.last_logits, params, self.rng, recent)
+                if tok == eos or tok in stop_ids:
+                    return
+                self.feed([tok])
+            yield tok
+
+    def generate_text(self, prompt: Optional[str], params: SamplingParams) -> Iterator[str]:
+        """Feeds `prompt` (if any), then yields text as it is produced; never a broken UTF-8 sequence;
+        stops at EOS, stop ids, stop strings (excluded) or max_new_tokens."""
+        if self.model.tokenizer is None:
+            raise SambaEdgeError("text generation needs a tokenizer; this model has none")
+        if prompt:
+            self.feed_text(prompt)
+        decoder = IncrementalDecoder(self.model.tokenizer)
+        held, hold = "", max((len(s) for s in params.stop), default=1) - 1
+        for tok in self.generate_ids(params):
+            held += decoder.push(tok)
+            cut = min((held.find(s) for s in params.stop if s in held), default=-1)
+            if cut >= 0:
+                yield held[:cut]
+                return
+            if len(held) > hold:
+                yield held[: len(held) - hold]
+                held = held[len(held) - hold:]
+        yield held + decoder.flush()
+
+    # ---- snapshots --------------------------------------------------------------------------
+    def snapshot(self, path: str | Path) -> Path:
+        with self._lock:
+            extra = {"rng": self.rng.bit_generator.state, "recent": list(self.recent)}
+            arrays = {} if self.last_logits is None else {"last_logits": self.last_logits}
+            return save_snapshot(path, self.model.manifest, self.state, self.position, extra, arrays)
+
+    def load(self, path: str | Path) -> None:
+        with self._lock:
+            state, position, extra, arrays = load_snapshot(path, self.model.manifest)
+            self.state, self.position = [np.ascontiguousarray(x) for x in state], position
+            self.rng = np.random.default_rng()
+            self.rng.bit_generator.state = extra["rng"]
+            self.recent = collections.deque(extra.get("recent", []), maxlen=4096)
+            self.last_logits = arrays.get("last_logits")
+
+
+class IncrementalDecoder:
+    """Token ids -> text pieces, decoding a small window with one token of left context (so
+    SentencePiece's leading spaces survive) and holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tok, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        prefix_text = self.tok.decode(self.ids[self.prefix:self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        if len(text) > len(prefix_text) and not text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        prefix_text = self.tok.decode(self.ids[self.prefix:self.read])
+        rest = self.tok.decode(self.ids[self.prefix:])[len(prefix_text):]
+        self.prefix = self.read = len(self.ids)
+        return rest

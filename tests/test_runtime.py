@@ -1,0 +1,217 @@
+"""The streaming runtime: exact across calls, snapshots across processes and backends, many streams."""
+import json
+import re
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from samba_edge.export.onnx_export import export_onnx  # noqa: E402
+from samba_edge.runtime import SamplingParams, SambaEdgeError, open_model  # noqa: E402
+from samba_edge.runtime.session import IncrementalDecoder  # noqa: E402
+from samba_edge.tests.test_cli import run  # noqa: E402
+
+CK = "builtin:samba-tiny-py"
+PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    return export_onnx(CK, tmp_path_factory.mktemp("rt") / "tiny", flavor="portable", max_chunk=64)
+
+
+@pytest.fixture(scope="module")
+def ort_model(artifact):
+    return open_model(str(artifact))
+
+
+@pytest.fixture(scope="module")
+def torch_model():
+    return open_model(CK, backend="torch")
+
+
+def test_one_call_many_calls_token_by_token(ort_model):
+    ids = [0] + ort_model.encode(PROMPT * 6)                                  # > max_chunk: split inside feed
+    assert len(ids) > ort_model.max_chunk
+    a = ort_model.new_stream()
+    whole = a.feed(ids)
+    b = ort_model.new_stream()
+    for i in range(0, len(ids), 7):
+        part = b.feed(ids[i:i + 7])
+    c = ort_model.new_stream()
+    for t in ids:
+        step = c.feed([t])
+    assert a.position == b.position == c.position == len(ids)
+    assert np.abs(part - whole).max() < 1e-4 and np.abs(step - whole).max() < 1e-4
+    for x, y in zip(a.state, c.state):
+        assert np.abs(x - y).max() < 1e-4
+
+
+def test_ort_and_torch_give_the_same_greedy_continuation(ort_model, torch_model):
+    p = SamplingParams(max_new_tokens=40)
+    outs = []
+    for m in (ort_model, torch_model):
+        s = m.new_stream()
+        s.feed_text(PROMPT)
+        outs.append(list(s.generate_ids(p)))
+    assert outs[0] == outs[1] and len(outs[0]) == 40
+
+
+RESTORE = """
+import json, sys
+from samba_edge.runtime import open_model, SamplingParams
+m = open_model(sys.argv[1], backend=sys.argv[2])
+s = m.restore(sys.argv[3])
+print(json.dumps(list(s.generate_ids(SamplingParams(max_new_tokens=int(sys.argv[4]), temperature=float(sys.argv[5]),
+                                                    top_k=20, top_p=0.9)))))
+"""
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_generate_n_equals_k_then_snapshot_restore_in_new_process(ort_model, artifact, tmp_path, temperature):
+    N, k = 30, 11
+    p = dict(temperature=temperature, top_k=20, top_p=0.9)
+    full = ort_model.new_stream()
+    full.feed_text(PROMPT)
+    want = list(full.generate_ids(SamplingParams(max_new_tokens=N, seed=7, **p)))
+    part = ort_model.new_stream()
+    part.feed_text(PROMPT)
+    got = list(part.generate_ids(SamplingParams(max_new_tokens=k, seed=7, **p)))
+    part.snapshot(tmp_path / "snap.safetensors")
+    for backend, where in (("ort", str(artifact)), ("torch", CK)):           # across processes and backends
+        r = subprocess.run([sys.executable, "-c", RESTORE, where, backend, str(tmp_path / "snap.safetensors"),
+                            str(N - k), str(temperature)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert got + json.loads(r.stdout) == want, backend
+
+
+def test_batched_step_equals_solo_streams(ort_model):
+    prompts = [PROMPT, "import os\n", "class A:\n    pass\n"]
+    solo, batch = [], []
+    for text in prompts:
+        s = ort_model.new_stream()
+        s.feed_text(text)
+        solo.append(s)
+        b = ort_model.new_stream()
+        b.feed_text(text)
+        batch.append(b)
+    greedy = SamplingParams(max_new_tokens=12)
+    want = [list(s.generate_ids(greedy)) for s in solo]
+    got = [[] for _ in prompts]
+    for _ in range(12):
+        toks = [[int(np.argmax(b.last_logits))] for b in batch]
+        ort_model.step(batch, toks)                                            # rows at different positions
+        for g, t in zip(got, toks):
+            g.append(t[0])
+    assert got == want
+
+
+def test_threads_share_one_model(ort_model):
+    prompts = ["import sys\n", "def g(x):\n", "for i in range(3):\n", "class B(A):\n"]
+
+    def gen(text):
+        s = ort_model.new_stream()
+        s.feed_text(text)
+        return list(s.generate_ids(SamplingParams(max_new_tokens=15)))
+
+    want = [gen(t) for t in prompts]
+    got = [None] * len(prompts)
+
+    def worker(i):
+        got[i] = gen(prompts[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == want
+
+
+def test_snapshot_refusals(ort_model, tmp_path):
+    s = ort_model.new_stream()
+    s.feed_text(PROMPT)
+    path = s.snapshot(tmp_path / "a.safetensors")
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SambaEdgeError, match="unreadable|truncated"):
+        ort_model.restore(tmp_path / "cut.safetensors")
+    tampered = bytearray(data)
+    tampered[-5] ^= 0xFF                                                      # flip bits inside a tensor
+    (tmp_path / "bad.safetensors").write_bytes(bytes(tampered))
+    with pytest.raises(SambaEdgeError, match="checksum"):
+        ort_model.restore(tmp_path / "bad.safetensors")
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    save_file(tensors, str(tmp_path / "v9.safetensors"), metadata={**meta, "format_version": "9"})
+    with pytest.raises(SambaEdgeError, match="format version"):
+        ort_model.restore(tmp_path / "v9.safetensors")
+    save_file(tensors, str(tmp_path / "other.safetensors"), metadata={**meta, "fingerprint": "0" * 64})
+    with pytest.raises(SambaEdgeError, match="another model"):
+        ort_model.restore(tmp_path / "other.safetensors")
+
+
+def test_incremental_decoder_never_breaks_utf8(ort_model):
+    tok = ort_model.tokenizer
+    text = "naïve café → 日本語 😀 done\n"
+    ids = tok.encode(text)
+    dec = IncrementalDecoder(tok)
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_stop_strings_and_max_tokens(ort_model):
+    s = ort_model.new_stream()
+    text = "".join(s.generate_text("def f(x):\n", SamplingParams(max_new_tokens=60, stop=("\n",))))
+    assert "\n" not in text
+    with pytest.raises(SambaEdgeError):
+        SamplingParams(max_new_tokens=10**9)
+
+
+def test_runtime_and_generate_import_no_torch(artifact):
+    code = ("import sys; import samba_edge.runtime; from samba_edge.tools.cli import main\n"
+            f"try:\n    main(['generate', {str(artifact)!r}, '-p', 'import os', '-n', '5'])\nexcept SystemExit: pass\n"
+            "bad = [m for m in ('torch',) if m in sys.modules]\nprint('TORCH' if bad else 'CLEAN')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip().endswith("CLEAN"), r.stdout + r.stderr
+
+
+def test_cli_bad_input_exit_2_and_state_out_kept(capsys, artifact, tmp_path):
+    keep = tmp_path / "keep.safetensors"
+    keep.write_bytes(b"old snapshot")
+    other = tmp_path / "other.safetensors"
+    m = open_model(str(artifact))
+    s = m.new_stream()
+    s.feed([1, 2, 3])
+    s.snapshot(other)
+    raw = tmp_path / "latin1.txt"
+    raw.write_bytes("café".encode("latin-1"))
+    cases = [
+        (["generate", str(artifact), "-p", ""], "prompt is empty"),
+        (["generate", str(artifact), "-p", "x", "-n", "-1"], "--max-new-tokens"),
+        (["generate", str(artifact), "-p", "x", "-n", "99999999999"], "--max-new-tokens"),
+        (["generate", str(artifact), "--prompt-file", str(raw)], "not UTF-8"),
+        (["generate", str(tmp_path), "-p", "x", "--backend", "ort"], "carries no config|not found"),
+        (["generate", str(artifact), "-p", "x", "--stop-id", "999999", "--state-out", str(keep),
+          "--state-in", str(tmp_path / "missing.safetensors")], "not found"),
+    ]
+    for args, match in cases:
+        code, _, err = run(capsys, *args)
+        assert code == 2 and len(err.strip().splitlines()) == 1, (args, err)
+        assert re.search(match, err), (match, err)
+    assert keep.read_bytes() == b"old snapshot"
+    s.feed([m.vocab_size - 1])
+    with pytest.raises(SambaEdgeError, match="outside the vocabulary"):
+        s.feed([m.vocab_size])
+    (tmp_path / "manifest.json").write_text("{}")
+    code, _, err = run(capsys, "generate", str(tmp_path), "-p", "x")
+    assert code == 2 and "format_version" in err
