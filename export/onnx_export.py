@@ -21,7 +21,12 @@ from samba_edge.runtime.manifest import Manifest, StateSpec, TensorSpec
 
 FLAVORS = ("plugin", "portable")
 MIN_OPSET, DEFAULT_OPSET = 18, 18
-EXTERNAL_DATA_BYTES = 256 * 2**20          # larger weights go to model.onnx.data (protobuf caps at 2 GiB)
+EXTERNAL_DATA_BYTES = 256 * 2**20
+SCOPE_KEY = "pkg.torch.onnx.name_scopes"     # node metadata: the nn.Module path that produced the node          # larger weights go to model.onnx.data (protobuf caps at 2 GiB)
+
+
+def _source(checkpoint: str) -> str:
+    return checkpoint if checkpoint.startswith("builtin:") else str(Path(checkpoint).resolve())
 
 
 def weights_fingerprint(state_dict) -> str:
@@ -39,7 +44,7 @@ def weights_fingerprint(state_dict) -> str:
 
 
 def build_manifest(cfg, flavor: str, opset: int, max_chunk: int, logits: str, fingerprint: str,
-                   tokenizer: Optional[str], special: dict) -> Manifest:
+                   tokenizer: Optional[str], special: dict, source: Optional[str] = None) -> Manifest:
     state = []
     for name, shape in cfg.state_shapes(1):
         kind, layer = name.split(".")
@@ -53,7 +58,7 @@ def build_manifest(cfg, flavor: str, opset: int, max_chunk: int, logits: str, fi
     return Manifest(model=cfg.to_dict(), flavor=flavor, dtype="float32", opset=opset, max_chunk=max_chunk,
                     logits=logits, inputs=inputs, outputs=outputs, state=state, fingerprint=fingerprint,
                     window=cfg.local_window, tokenizer=tokenizer, special_tokens=special, custom_ops=custom,
-                    samba_edge_version=pkg_version("samba-edge"))
+                    samba_edge_version=pkg_version("samba-edge"), source=source)
 
 
 def _step_module(model, last_only: bool):
@@ -92,6 +97,11 @@ def trace_onnx(model, flavor: str, opset: int, max_chunk: int, last_only: bool):
                                  input_names=["input_ids", "start_pos", *names],
                                  output_names=["logits", *[f"{n}.out" for n in names]])
     model_ir = prog.model
+    for node in model_ir.graph:                  # keep only the module scope (validate --bisect uses it):
+        scopes = node.metadata_props.get(SCOPE_KEY)   # stack traces would leak local paths into artifacts
+        node.metadata_props.clear()
+        if scopes is not None:
+            node.metadata_props[SCOPE_KEY] = scopes
     if flavor == "portable":
         to_portable(model_ir, cfg, opset)
     model_ir.producer_name, model_ir.producer_version = "samba-edge", pkg_version("samba-edge")
@@ -147,7 +157,7 @@ def export_onnx(checkpoint: str, out: str | Path, flavor: str = "plugin", config
     proto = trace_onnx(model, flavor, opset, max_chunk, logits == "last")
     register_schemas()
     manifest = build_manifest(model.config, flavor, opset, max_chunk, logits, weights_fingerprint(ckpt.state_dict),
-                              tok_path.name if tok_path else None, special)
+                              tok_path.name if tok_path else None, special, source=_source(checkpoint))
     onnx.helper.set_model_props(proto, {"samba_edge.fingerprint": manifest.fingerprint, "samba_edge.flavor": flavor})
     with atomic_dir(out, force) as tmp:
         large = sum(len(t.raw_data) for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES

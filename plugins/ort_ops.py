@@ -29,31 +29,36 @@ def register_reference_ops() -> str:
                              "pip install onnxruntime-extensions (or export --flavor portable)") from None
     if not _registered:
         f, i64, s = P.dt_float, P.dt_int64, P.dt_string
-        scan, swa = REFERENCES["SelectiveScan"], REFERENCES["SlidingWindowAttention"]
+        # looked up at call time, so a test can swap a reference for a deliberately broken one
         onnx_op(op_type="SelectiveScan", inputs=[f] * 9, outputs=[f, f],
                 attrs={"plugin_version": s, "delta_softplus": i64, "d_inner": i64, "d_state": i64})(
-            lambda *x, delta_softplus=1, **_: scan(*x, delta_softplus=delta_softplus))
+            lambda *x, delta_softplus=1, **_: REFERENCES["SelectiveScan"](*x, delta_softplus=delta_softplus))
         onnx_op(op_type="SlidingWindowAttention", inputs=[f] * 5 + [i64], outputs=[f, f, f],
                 attrs={"plugin_version": s, "window": i64, "scale": f, "num_heads": i64, "num_kv_heads": i64,
                        "head_size": i64})(
-            lambda *x, window, scale, **_: swa(*x, window=window, scale=scale))
+            lambda *x, window, scale, **_: REFERENCES["SlidingWindowAttention"](*x, window=window, scale=scale))
         _registered = True
     return get_library_path()
 
 
-def plugin_session(model_path: str | Path, session_options=None, providers=None):
-    """An InferenceSession for a plugin-flavour model; samba.* nodes run the numpy references."""
+def plugin_session(model, session_options=None, providers=None, weights_dir=None):
+    """An InferenceSession for a plugin-flavour model (a path, or a ModelProto whose external weights
+    live in `weights_dir`); samba.* nodes run the numpy references."""
     import onnx
     import onnxruntime as ort
 
-    model_path = Path(model_path)
     so = session_options or ort.SessionOptions()
     so.register_custom_ops_library(register_reference_ops())
-    proto = onnx.load(str(model_path), load_external_data=False)
+    if isinstance(model, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+    else:
+        weights_dir = weights_dir or Path(model).parent
+        proto = onnx.load(str(model), load_external_data=False)
     for node in proto.graph.node:
         if node.domain == "samba":
             node.domain = CONTRIB
     proto.opset_import.append(onnx.helper.make_opsetid(CONTRIB, 1))
-    # from bytes (the graph only); external weights are read from the artifact's own directory
-    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
+    if weights_dir is not None:         # the graph goes in as bytes; external weights are read in place
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
     return ort.InferenceSession(proto.SerializeToString(), so, providers=providers or ["CPUExecutionProvider"])

@@ -59,6 +59,7 @@ class Manifest:
     fingerprint: str                        # sha256 of the weights (names, dtypes, shapes, bytes)
     window: int
     onnx_file: str = "model.onnx"
+    source: Optional[str] = None            # the checkpoint it was exported from (validate's default reference)
     tokenizer: Optional[str] = None
     special_tokens: dict[str, Optional[int]] = field(default_factory=dict)
     custom_ops: list[dict[str, str]] = field(default_factory=list)

@@ -159,6 +159,46 @@ def chat(artifact, max_new_tokens, temperature, top_k, top_p, repetition_penalty
     run(artifact, params, backend, state_in, state_out, write=lambda s: click.echo(s, nl=False))
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SambaEdgeError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+@cli.command()
+@click.argument("artifact")
+@click.option("--reference", default="torch", show_default=True,
+              help="torch (the checkpoint the artifact was exported from) or a CHECKPOINT")
+@click.option("--backends", default="ort", show_default=True, help="comma-separated: ort, trt")
+@click.option("--steps", default=12, show_default=True)
+@click.option("--chunks", default="1,7,64", show_default=True, help="chunk sizes, cycled over the steps")
+@click.option("--batch", default=2, show_default=True)
+@click.option("--atol", help="absolute tolerance (default per dtype: fp32 1e-4, fp16 2e-2, int8 0.25)")
+@click.option("--rtol", help="relative tolerance (default per dtype: fp32 1e-3, fp16 2e-2, int8 0.1)")
+@click.option("--bisect", is_flag=True, help="report the first block and tensor that diverge")
+@click.option("--save", help="write the JSON report here (and Polygraphy RunResults beside it)")
+@click.option("--polygraphy-dir", help="write inputs/reference outputs/data loader for `polygraphy run`")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--allow-mismatch", is_flag=True, help="compare even if the reference has other weights")
+def validate(artifact, reference, backends, steps, chunks, batch, atol, rtol, bisect, save, polygraphy_dir, seed,
+             allow_mismatch) -> None:
+    """Step-by-step parity (logits + every state) against the PyTorch reference; exit 1 on divergence."""
+    from samba_edge.tools.validate import render_text, validate as run
+
+    tol = []
+    for name, v in (("--atol", atol), ("--rtol", rtol)):
+        try:
+            tol.append(None if v is None else float(v))
+        except ValueError:
+            raise SambaEdgeError(f"{name} must be a number, got {v!r}") from None
+    report = run(artifact, reference, [b for b in backends.split(",") if b], steps, _int_list(chunks, "--chunks"),
+                 batch, tol[0], tol[1], bisect, save, seed, allow_mismatch, polygraphy_dir)
+    click.echo(render_text(report))
+    if not report["passed"]:
+        sys.exit(1)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
