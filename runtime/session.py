@@ -32,7 +32,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SAMBA_EDGE_CACHE", Path.home() / ".cache" / "samba-edge"))
 
 
-def cached_export(checkpoint: str, flavor: str = "portable") -> Path:
+def cached_export(checkpoint: str, flavor: str = "portable", config: Optional[str] = None) -> Path:
     """Export a checkpoint once (keyed by its files' paths, sizes and mtimes) and reuse the artifact."""
     from importlib.metadata import version
 
@@ -41,19 +41,19 @@ def cached_export(checkpoint: str, flavor: str = "portable") -> Path:
 
     src = resolve(checkpoint).resolve()
     files = sorted(src.rglob("*")) if src.is_dir() else [src]
-    key = hashlib.sha256(f"{version('samba-edge')}|{flavor}|{src}".encode())
+    key = hashlib.sha256(f"{version('samba-edge')}|{flavor}|{src}|{config}".encode())
     for f in files:
         if f.is_file():
             st = f.stat()
             key.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
     out = cache_dir() / "exports" / f"{src.name}-{flavor}-{key.hexdigest()[:16]}"
     if not (out / "manifest.json").is_file():
-        export_onnx(checkpoint, out, flavor=flavor, force=True)
+        export_onnx(checkpoint, out, flavor=flavor, config=config, force=True)
     return out
 
 
 def open_model(path: str, backend: str = "auto", threads: Optional[int] = None,
-               tokenizer: Optional[str] = None) -> "Model":
+               tokenizer: Optional[str] = None, config: Optional[str] = None) -> "Model":
     """Load an artifact or a checkpoint with a backend. `--backend ort` on a checkpoint exports it first."""
     path = str(path)
     is_artifact = not path.startswith("builtin:") and (Path(path) / "manifest.json").is_file()
@@ -66,7 +66,7 @@ def open_model(path: str, backend: str = "auto", threads: Optional[int] = None,
     if backend == "ort":
         from samba_edge.runtime.backends import OrtBackend
 
-        be = OrtBackend(path if is_artifact else cached_export(path), threads)
+        be = OrtBackend(path if is_artifact else cached_export(path, config=config), threads)
     else:
         if is_artifact:
             raise SambaEdgeError(f"{path} is an exported artifact; the torch backend takes a checkpoint (use --backend ort)")
@@ -74,7 +74,7 @@ def open_model(path: str, backend: str = "auto", threads: Optional[int] = None,
             from samba_edge.export.torch_backend import TorchBackend
         except ImportError:
             raise SambaEdgeError("the torch backend needs PyTorch: pip install 'samba-edge[export]'") from None
-        be = TorchBackend.open(path)
+        be = TorchBackend.open(path, config)
     from samba_edge.runtime.tokenizer import find_tokenizer, load_tokenizer
 
     tok = load_tokenizer(be.directory, tokenizer) if (tokenizer or find_tokenizer(be.directory)) else None

@@ -95,7 +95,7 @@ def test_eval_token_ids(capsys, ckpt_dir, tmp_path):
     (["eval", "CK", "--text", "EMPTY", "--chunk", "0"], "--chunk"),
     (["eval", "CK", "--text", "EMPTY", "--chunk", "zero"], "chunk"),
     (["eval", "CK"], "exactly one of"),
-    (["generate", "builtin:no-such-model"], "unknown built-in"),
+    (["generate", "builtin:no-such-model", "-p", "x"], "unknown built-in"),
     (["convert", "CK", "-o", "EXISTING"], "already exists"),
     (["eval", "NOTOK", "--text", "TEXT"], "no tokenizer"),
 ])

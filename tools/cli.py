@@ -136,10 +136,8 @@ def generate(artifact, prompt, prompt_file, tokenizer, max_new_tokens, temperatu
     from samba_edge.tools.generate import generate as run, read_prompt
 
     params = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, stop_id)
-    text = read_prompt(prompt, prompt_file)
-    if text:
-        click.echo(text, nl=False)
-    stats = run(artifact, text, params, backend, state_in, state_out, tokenizer)
+    stats = run(artifact, read_prompt(prompt, prompt_file), params, backend, state_in, state_out, tokenizer,
+                write=lambda piece: click.echo(piece, nl=False))
     click.echo()
     click.echo(f"[{stats['new_tokens']} tokens, {stats['decode_tok_s']:.1f} tok/s decode, "
                f"prefill {stats['prefill_s'] * 1e3:.0f} ms, backend {stats['backend']}, position {stats['position']}]",
@@ -197,6 +195,27 @@ def validate(artifact, reference, backends, steps, chunks, batch, atol, rtol, bi
     click.echo(render_text(report))
     if not report["passed"]:
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("artifact")
+@click.option("--baseline", default="torch", show_default=True, type=click.Choice(["torch", "none"]),
+              help="also measure the artifact's checkpoint on the PyTorch backend")
+@click.option("--contexts", default="1k,4k,16k,64k", show_default=True, help="context lengths (1k = 1024 tokens)")
+@click.option("--decode-tokens", default=64, show_default=True, help="single-token steps timed at each context")
+@click.option("--checkpoint", help="the baseline's checkpoint (default: the artifact's source, else builtin:samba-tiny-py)")
+@click.option("--threads", type=int, help="intra-op threads for every system (default: the libraries' own)")
+@click.option("--json", "json_out", help="write the full result as JSON to this file")
+@click.option("--plot", help="write a PNG of per-token latency and peak memory against context (needs matplotlib)")
+def bench(artifact: str, baseline: str, contexts: str, decode_tokens: int, checkpoint: Optional[str],
+          threads: Optional[int], json_out: Optional[str], plot: Optional[str]) -> None:
+    """Prefill/decode tok/s, per-token latency and peak RSS against context length: the artifact, its
+    PyTorch checkpoint and a same-size transformer with a full KV cache, side by side."""
+    from samba_edge.tools.bench import parse_contexts, render_text, run_bench
+
+    res = run_bench(artifact, baseline=baseline, contexts=parse_contexts(contexts), decode_tokens=decode_tokens,
+                    json_out=json_out, plot=plot, checkpoint=checkpoint, threads=threads)
+    click.echo(render_text(res))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -33,28 +33,6 @@ def stream_nll(backend, ids: np.ndarray, chunk: Optional[int] = None) -> np.ndar
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def open_backend(path: str, backend: str = "auto", config: Optional[str] = None):
-    """An exported artifact (manifest.json) runs on ort; a checkpoint runs on torch."""
-    is_artifact = not path.startswith("builtin:") and (Path(path) / "manifest.json").is_file()
-    if backend == "auto":
-        backend = "ort" if is_artifact else "torch"
-    if backend == "torch":
-        if is_artifact:
-            raise SambaEdgeError(f"{path} is an exported artifact; the torch backend takes a checkpoint "
-                                 "(use --backend ort)")
-        from samba_edge.export.torch_backend import TorchBackend
-
-        return TorchBackend.open(path, config)
-    if backend == "ort":
-        if not is_artifact:
-            raise SambaEdgeError(f"{path} is not an exported artifact; run `samba-edge export {path} -o DIR` "
-                                 "first, or use --backend torch")
-        from samba_edge.runtime.backends import OrtBackend
-
-        return OrtBackend(path)
-    raise SambaEdgeError(f"unknown backend {backend!r}; use auto, torch or ort")
-
-
 def _summary(nll_sum: float, n: int, n_bytes: Optional[int]) -> dict:
     res = {"tokens": n, "nll": nll_sum / n, "ppl": math.exp(nll_sum / n)}
     if n_bytes:
@@ -108,7 +86,8 @@ def load_token_ids(path: str | Path, vocab: int) -> np.ndarray:
 def evaluate(checkpoint: str, text: Optional[str] = None, token_ids: Optional[str] = None,
              config: Optional[str] = None, chunk: Optional[int] = None, tokenizer: Optional[str] = None,
              backend: str = "auto") -> dict:
-    """Public entry of `samba-edge eval`: a checkpoint (torch) or an exported artifact (ort)."""
+    """Public entry of `samba-edge eval`: a checkpoint (torch) or an exported artifact (ort); `--backend ort`
+    on a checkpoint scores its cached export."""
     from samba_edge.runtime.tokenizer import load_tokenizer
 
     if (text is None) == (token_ids is None):
@@ -124,7 +103,10 @@ def evaluate(checkpoint: str, text: Optional[str] = None, token_ids: Optional[st
             raise SambaEdgeError(f"text file {text} is not UTF-8 text") from None
         if not body:
             raise SambaEdgeError(f"text file {text} is empty; nothing to evaluate")
-    be = open_backend(checkpoint, backend, config)
+    from samba_edge.runtime import open_model
+
+    model = open_model(checkpoint, backend, tokenizer=tokenizer, config=config)
+    be = model.backend
     if be.name != "torch":
         limit = be.manifest.max_chunk
         if chunk is not None and chunk > limit:
@@ -133,4 +115,5 @@ def evaluate(checkpoint: str, text: Optional[str] = None, token_ids: Optional[st
     if token_ids is not None:
         nll = stream_nll(be, load_token_ids(token_ids, be.manifest.vocab_size), chunk)
         return _summary(float(nll.sum()), len(nll), None)
-    return score_documents(be, load_tokenizer(be.directory, tokenizer), [body], chunk)
+    tok = model.tokenizer or load_tokenizer(be.directory, tokenizer)      # the latter explains what is missing
+    return score_documents(be, tok, [body], chunk)

@@ -25,7 +25,7 @@ def read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> Optional[s
 def generate(artifact: str, prompt: Optional[str], params: SamplingParams, backend: str = "auto",
              state_in: Optional[str] = None, state_out: Optional[str] = None, tokenizer: Optional[str] = None,
              write: Callable[[str], None] = sys.stdout.write) -> dict:
-    """Stream a continuation through `write`; returns counts and timings. Loads (and validates) eagerly:
+    """Echo the prompt and stream its continuation through `write`; returns counts and timings. Loads (and validates) eagerly:
     nothing is written for bad input, and --state-out is only replaced by a complete snapshot."""
     if not prompt and state_in is None:
         raise SambaEdgeError("the prompt is empty; give --prompt TEXT, --prompt-file F or --state-in F")
@@ -34,6 +34,7 @@ def generate(artifact: str, prompt: Optional[str], params: SamplingParams, backe
     t0 = time.perf_counter()
     if prompt:
         stream.feed_text(prompt)
+        write(prompt)                                       # echoed only once the prompt was accepted
     t1 = time.perf_counter()
     n0 = stream.position
     for piece in stream.generate_text(None, params):
