@@ -61,8 +61,12 @@ def open_model(path: str, backend: str = "auto", threads: Optional[int] = None,
         raise SambaEdgeError(f"unknown backend {backend!r}; use one of: {', '.join(BACKENDS)}")
     if backend == "auto":
         backend = "ort" if is_artifact else "torch"
-    if not is_artifact and not path.startswith("builtin:") and not Path(path).exists():
-        raise SambaEdgeError(f"{path} not found; pass an export directory, a checkpoint or builtin:NAME")
+    if not is_artifact and not path.startswith("builtin:"):
+        if not Path(path).exists():
+            raise SambaEdgeError(f"{path} not found; pass an export directory, a checkpoint or builtin:NAME")
+        if (Path(path) / "model.onnx").is_file():
+            raise SambaEdgeError(f"{path} has a model.onnx but no manifest.json, so it is not a samba-edge artifact; "
+                                 "re-export it with `samba-edge export`")
     if backend == "ort":
         from samba_edge.runtime.backends import OrtBackend
 

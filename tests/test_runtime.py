@@ -212,6 +212,21 @@ def test_cli_bad_input_exit_2_and_state_out_kept(capsys, artifact, tmp_path):
     s.feed([m.vocab_size - 1])
     with pytest.raises(SambaEdgeError, match="outside the vocabulary"):
         s.feed([m.vocab_size])
+    (tmp_path / "model.onnx").write_bytes(b"")
+    code, _, err = run(capsys, "generate", str(tmp_path), "-p", "x")
+    assert code == 2 and "no manifest.json" in err
     (tmp_path / "manifest.json").write_text("{}")
     code, _, err = run(capsys, "generate", str(tmp_path), "-p", "x")
     assert code == 2 and "format_version" in err
+
+
+def test_chat_keeps_one_stream_across_turns(artifact, tmp_path):
+    from samba_edge.tools.generate import chat
+
+    out = []
+    turns = chat(str(artifact), SamplingParams(max_new_tokens=8, stop=("\n\n",)), lines=["import os\n", "def f():\n"],
+                 state_out=str(tmp_path / "chat.safetensors"), write=out.append)
+    assert turns == 2 and "".join(out).strip()
+    m = open_model(str(artifact))
+    s = m.restore(tmp_path / "chat.safetensors")
+    assert s.position > len(m.encode("import os\ndef f():\n"))             # both turns and both replies
