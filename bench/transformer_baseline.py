@@ -23,15 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+from samba_edge.export.model import RMSNorm, SwiGLU       # the same norm and MLP SAMBA uses
 
 
 @dataclass
@@ -60,9 +52,7 @@ class Block(nn.Module):
         self.qkv = nn.Linear(d, 3 * n_head * head_size, bias=False)
         self.proj = nn.Linear(n_head * head_size, d, bias=False)
         self.norm_2 = RMSNorm(d, eps)
-        self.w1 = nn.Linear(d, hidden, bias=False)
-        self.w2 = nn.Linear(d, hidden, bias=False)
-        self.w3 = nn.Linear(hidden, d, bias=False)
+        self.mlp = SwiGLU(d, hidden)
 
     def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, start: int) -> Tensor:
         """x: (1, T, d) at positions start..start+T-1; appends the T new keys/values to the cache."""
@@ -77,8 +67,7 @@ class Block(nn.Module):
             mask = torch.arange(start + T)[None, :] <= (start + torch.arange(T))[:, None]
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0 / math.sqrt(hs))
         x = x + self.proj(y.transpose(1, 2).reshape(1, T, H * hs))
-        h = self.norm_2(x)
-        return x + self.w3(F.silu(self.w1(h)) * self.w2(h))
+        return x + self.mlp(self.norm_2(x))
 
 
 class KVTransformer(nn.Module):

@@ -294,10 +294,11 @@ def run_bench(artifact: str, baseline: str = "torch", contexts: Sequence[int] = 
                              "pass --checkpoint CK or --baseline none")
     chunk = manifest.max_chunk
     names = ["artifact"] + (["torch"] if baseline == "torch" else [])
-    try:
-        import torch  # noqa: F401
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
         names.append("transformer")
-    except ImportError:
+    else:
         notes.append("transformer baseline skipped: it needs PyTorch (pip install 'samba-edge[export]')")
     if "transformer" in names and not TRANSFORMER_FILE.is_file():
         names.remove("transformer")
@@ -379,7 +380,7 @@ def write_plot(result: dict, path: str) -> Optional[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"samba-edge bench: {Path(result['artifact']).name}, {result['decode_tokens']} decode tokens "
-                 f"per context", fontsize=10)
+                 f"per context, threads {result['threads'] or 'default'}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -423,7 +424,8 @@ def render_text(result: dict) -> str:
     lo, hi = _label(rat["smallest_context"]), _label(rat["largest_context"])
     lines.append(f"{hi} vs {lo} (per system):")
     for name, g in rat["largest_over_smallest_context"].items():
-        lines.append(f"  {name:<12} p50 latency {_fmt(g['latency_p50'], '.2f')}x, p99 {_fmt(g['latency_p99'], '.2f')}x, "
+        lines.append(f"  {name:<12} p50 latency {_fmt(g['latency_p50'], '.2f')}x, "
+                     f"p99 {_fmt(g['latency_p99'], '.2f')}x, "
                      f"decode tok/s {_fmt(g['decode_tok_s'], '.2f')}x, peak RSS {_fmt(g['peak_rss'], '.2f')}x "
                      f"({g['peak_rss_delta_mib']:+.1f} MiB)")
     for note in result["notes"]:
