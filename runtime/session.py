@@ -39,9 +39,13 @@ def cached_export(checkpoint: str, flavor: str = "portable", config: Optional[st
     from samba_edge.export.checkpoint import resolve
     from samba_edge.export.onnx_export import export_onnx
 
+    import samba_edge.export as exporter
+
     src = resolve(checkpoint).resolve()
     files = sorted(src.rglob("*")) if src.is_dir() else [src]
     key = hashlib.sha256(f"{version('samba-edge')}|{flavor}|{src}|{config}".encode())
+    for f in sorted(Path(exporter.__file__).parent.glob("*.py")):          # the exporter's own code too
+        key.update(f.read_bytes())
     for f in files:
         if f.is_file():
             st = f.stat()
