@@ -37,7 +37,6 @@ WARMUP_STEPS = 3
 RESULT_TAG = "SAMBA_EDGE_BENCH_RESULT "
 ERROR_TAG = "SAMBA_EDGE_BENCH_ERROR "
 MIB = 1024 * 1024
-TRANSFORMER_FILE = Path(__file__).resolve().parent.parent / "bench" / "transformer_baseline.py"
 
 
 # ---- sizes --------------------------------------------------------------------------------------------
@@ -145,21 +144,6 @@ def _measure_stream(spec: dict) -> dict:
     return out
 
 
-def load_transformer_module():
-    """bench/transformer_baseline.py (the repository's bench/ folder is not an installed package)."""
-    import importlib.util
-
-    if not TRANSFORMER_FILE.is_file():
-        raise SambaEdgeError(f"{TRANSFORMER_FILE} not found: the transformer baseline needs the source tree")
-    name = "samba_edge_bench_transformer_baseline"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, TRANSFORMER_FILE)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module                                     # dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def _measure_transformer(spec: dict) -> dict:
     import numpy as np
     import torch
@@ -168,7 +152,8 @@ def _measure_transformer(spec: dict) -> dict:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    tb = load_transformer_module()
+    from samba_edge.bench import transformer_baseline as tb
+
     t0 = time.perf_counter()
     model = tb.KVTransformer.from_model_config(Manifest.load(spec["path"]).model, seed=spec["seed"])
     load_s = time.perf_counter() - t0
@@ -300,9 +285,6 @@ def run_bench(artifact: str, baseline: str = "torch", contexts: Sequence[int] = 
         names.append("transformer")
     else:
         notes.append("transformer baseline skipped: it needs PyTorch (pip install 'samba-edge[export]')")
-    if "transformer" in names and not TRANSFORMER_FILE.is_file():
-        names.remove("transformer")
-        notes.append(f"transformer baseline skipped: {TRANSFORMER_FILE} is not here (it ships with the source tree)")
     labels = {"artifact": f"artifact ({manifest.flavor} ONNX, onnxruntime) {art_dir}",
               "torch": f"PyTorch reference of {ckpt}",
               "transformer": "same-size transformer, full KV cache (random weights, MHA, no RoPE)"}
