@@ -10,6 +10,7 @@ their standard-op bodies (export/onnx_ops.py).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import warnings
 from importlib.metadata import version as pkg_version
@@ -164,6 +165,11 @@ def export_onnx(checkpoint: str, out: str | Path, flavor: str = "plugin", config
         onnx.save_model(proto, str(tmp / "model.onnx"), save_as_external_data=large, all_tensors_to_one_file=True,
                         location="model.onnx.data", size_threshold=1024)
         onnx.checker.check_model(str(tmp / "model.onnx"), full_check=True)
+        if flavor == "plugin" and importlib.util.find_spec("triton") is not None:   # AOT GPU kernels
+            from samba_edge.plugins.aot import INDEX, KERNELS_DIR, write_kernels
+
+            write_kernels(tmp, model.config)
+            manifest.kernels = f"{KERNELS_DIR}/{INDEX}"
         (tmp / "manifest.json").write_text(manifest.to_json())
         if tok_path is not None:
             shutil.copy2(tok_path, tmp / tok_path.name)

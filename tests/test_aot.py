@@ -1,0 +1,269 @@
+"""Ahead-of-time kernels (plugins/aot.py): PTX + cubin for sm_87/90/100/110/120 with no GPU, launcher
+metadata complete and consistent with the PTX and the host wrappers, ptxas accepts the PTX, the
+cache works, the exporter ships them; tools/gpu_check.py fails cleanly without a GPU."""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+from samba_edge.export.config import get_config  # noqa: E402
+from samba_edge.plugins import aot  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHS = [87, 90, 100, 110, 120]
+PTX_VERSION = {87: "8.5", 90: "8.0", 100: "8.7", 110: "9.0", 120: "8.7"}
+CONTRACT = {"SelectiveScan": (["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "ssm_state"],
+                              ["y", "ssm_state_out"]),
+            "SlidingWindowAttention": (["q", "k", "v", "k_window", "v_window", "start_pos"],
+                                       ["y", "k_window_out", "v_window_out"])}
+RECORD_KEYS = {"kernel", "op", "entry", "arch", "ptx_target", "ptx_version", "ptxas", "triton_version", "source",
+               "source_sha256", "constexprs", "num_warps", "num_ctas", "block", "grid", "grid_vars",
+               "shared_mem_bytes", "needs_shared_mem_opt_in", "global_scratch_bytes", "profile_scratch_bytes",
+               "pointer_alignment_bytes", "args", "ptx_params", "files"}
+PTX_PARAM = {"*": "u64", "i32": "u32", "fp32": "f32"}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A fresh kernel cache, so this module really compiles (and leaves the user's cache alone)."""
+    d = tmp_path_factory.mktemp("kcache")
+    old = os.environ.get("SAMBA_EDGE_CACHE")
+    os.environ["SAMBA_EDGE_CACHE"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("SAMBA_EDGE_CACHE", None)
+    else:
+        os.environ["SAMBA_EDGE_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def built(cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("aot")
+    t0 = time.perf_counter()
+    index = aot.write_kernels(out, get_config("Samba_421M"), strict=True)
+    return out / "kernels", index, time.perf_counter() - t0
+
+
+def _records(kdir: Path, index: dict):
+    for sm, entry in index["archs"].items():
+        for name, k in entry["kernels"].items():
+            yield sm, name, json.loads((kdir / k["files"]["meta"]).read_text())
+
+
+def test_all_archs_compile(built):
+    kdir, index, seconds = built
+    assert not index["errors"], index["errors"]
+    assert sorted(index["archs"]) == sorted(f"sm_{a}" for a in ARCHS)
+    assert json.loads((kdir / "kernels.json").read_text()) == index
+    assert index["ops"] == {"SelectiveScan": ["selective_scan"],
+                            "SlidingWindowAttention": ["swa_attention", "swa_window_update"]}
+    for a in ARCHS:
+        kernels = index["archs"][f"sm_{a}"]["kernels"]
+        assert sorted(kernels) == ["selective_scan", "swa_attention", "swa_window_update"]
+        for k in kernels.values():
+            assert (kdir / k["files"]["ptx"]).is_file() and (kdir / k["files"]["meta"]).is_file()
+            cubin = (kdir / k["files"]["cubin"]).read_bytes()
+            assert cubin[:4] == b"\x7fELF"
+    print(f"\ncompiled 3 kernels x {len(ARCHS)} archs in {seconds:.1f}s")
+
+
+def test_ptx_targets_versions_and_entries(built):
+    kdir, index, _ = built
+    for sm, name, rec in _records(kdir, index):
+        a = int(sm[3:])
+        ptx = (kdir / rec["files"]["ptx"]).read_text()
+        target = f"sm_{a}" + ("a" if a >= 90 else "")
+        assert re.search(rf"^\.target {target}\s*$", ptx, re.M), (sm, name)
+        assert re.search(rf"^\.version {re.escape(PTX_VERSION[a])}\s*$", ptx, re.M), (sm, name)
+        assert re.search(rf"\.visible \.entry {rec['entry']}\(", ptx), (sm, name)
+        assert "/work/" not in ptx and str(REPO) not in ptx        # no local paths (no line info)
+
+
+def test_launcher_metadata_is_complete(built):
+    from samba_edge.plugins import triton_scan, triton_swa
+
+    kdir, index, _ = built
+    mods = {"selective_scan": (triton_scan, "selective_scan_fwd_kernel"),
+            "swa_attention": (triton_swa, "swa_fwd_kernel"),
+            "swa_window_update": (triton_swa, "swa_window_update_kernel")}
+    for sm, name, rec in _records(kdir, index):
+        assert RECORD_KEYS <= set(rec), (sm, name, RECORD_KEYS - set(rec))
+        mod, fn = mods[name]
+        assert rec["entry"] == fn and rec["arch"] == sm
+        assert rec["block"] == [32 * rec["num_warps"], 1, 1] and rec["num_ctas"] == 1
+        assert isinstance(rec["shared_mem_bytes"], int) and rec["shared_mem_bytes"] >= 0
+        assert rec["needs_shared_mem_opt_in"] == (rec["shared_mem_bytes"] > 49152)
+        assert rec["global_scratch_bytes"] == 0 and rec["profile_scratch_bytes"] == 0
+        # argument order = the kernel's non-constexpr parameters, then the two null scratch pointers
+        kern = getattr(mod, fn)
+        params = [p for p in kern.arg_names if p not in rec["constexprs"]]
+        args = rec["args"]
+        assert [a["name"] for a in args] == params + ["global_scratch", "profile_scratch"]
+        assert [a["index"] for a in args] == list(range(len(args)))
+        assert [a["value"]["kind"] for a in args[-2:]] == ["null", "null"]
+        # ... and matches the PTX entry's parameter list, type by type
+        ptx = (kdir / rec["files"]["ptx"]).read_text()
+        m = re.search(r"\.entry\s+" + rec["entry"] + r"\s*\(([^)]*)\)", ptx)
+        ptx_types = re.findall(r"\.param\s+\.(\w+)", m.group(1))
+        assert ptx_types == rec["ptx_params"]
+        assert ptx_types == [PTX_PARAM["*" if a["type"].startswith("*") else a["type"]] for a in args], (sm, name)
+        assert all(a["bytes"] == (8 if a["type"].startswith("*") else 4) for a in args)
+    # every tensor of each op's contract is passed to one of its kernels
+    for sm, entry in index["archs"].items():
+        for op, (ins, outs) in CONTRACT.items():
+            used = {(a["value"]["kind"], a["value"]["name"]) for _, n, rec in _records(kdir, index)
+                    if rec["op"] == op and rec["arch"] == sm for a in rec["args"] if "name" in a["value"]}
+            assert {("input", n) for n in ins} | {("output", n) for n in outs} <= used, (sm, op)
+
+
+def test_grid_formulas_match_the_host_wrappers(built):
+    from samba_edge.plugins import triton_scan, triton_swa
+
+    kdir, index, _ = built
+    recs = {name: rec for sm, name, rec in _records(kdir, index) if sm == "sm_90"}
+    for b, E, T in [(1, 3072, 1), (2, 70, 37), (3, 31, 256)]:
+        shapes = {"u": (b, E, T)}
+        assert aot.eval_grid(recs["selective_scan"], shapes) == triton_scan.grid(E, b)
+    for b, H, G, T, C in [(1, 12, 12, 1, 2047), (2, 4, 2, 37, 7), (3, 4, 1, 256, 63)]:
+        shapes = {"q": (b, H, T, 128), "k": (b, G, T, 128), "k_window": (b, G, C, 128)}
+        assert aot.eval_grid(recs["swa_attention"], shapes) == triton_swa.fwd_grid(T, b, H)
+        assert aot.eval_grid(recs["swa_window_update"], shapes) == triton_swa.update_grid(C, b, G)
+
+
+@pytest.mark.skipif(shutil.which("ptxas") is None, reason="no ptxas on PATH")
+def test_ptxas_assembles_the_ptx(built):
+    kdir, index, _ = built
+    for sm, name, rec in _records(kdir, index):
+        ptx = kdir / rec["files"]["ptx"]
+        p = subprocess.run(["ptxas", f"-arch={rec['ptx_target']}", str(ptx), "-o", os.devnull],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, (sm, name, p.stderr[-2000:])
+
+
+def test_cache_hits_and_keys(built, cache, tmp_path):
+    _, index, _ = built
+    root = aot.cache_root()
+    assert root == cache / "kernels"
+
+    def entries():
+        return sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+
+    before = entries()
+    assert {f"{k}-sm_{a}" for k in ("selective_scan", "swa_attention", "swa_window_update") for a in ARCHS} \
+        <= {e.rsplit("-", 1)[0] for e in before}
+    t0 = time.perf_counter()
+    again = aot.write_kernels(tmp_path / "again", get_config("Samba_421M"))
+    assert time.perf_counter() - t0 < 5.0                                  # nothing recompiled
+    assert again == index
+    assert entries() == before
+    # a different head size (a compile-time constant) is a different key; shapes are not
+    spec = {s.name: s for s in aot.kernel_specs({"d_state": 16, "head_size": 64})}["swa_attention"]
+    spec128 = {s.name: s for s in aot.kernel_specs({"d_state": 16, "head_size": 128})}["swa_attention"]
+    arch = aot.ARCHS[90]
+    assert aot._cache_key(spec, arch, "12.9") != aot._cache_key(spec128, arch, "12.9")
+    assert aot._cache_key(spec128, arch, "12.9") != aot._cache_key(spec128, aot.ARCHS[87], "12.9")
+
+
+class _FakeDriver:
+    """Just enough of cuda.bindings.driver to run gpu_check.AotKernel on CPU and capture the launch."""
+
+    class CUresult:
+        CUDA_SUCCESS = 0
+
+    class CUfunction_attribute:
+        CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+
+    CUstream = int
+
+    def __init__(self):
+        self.launches, self.images = [], []
+
+    def cuModuleLoadData(self, addr):
+        self.images.append(addr)
+        return 0, "module"
+
+    def cuModuleGetFunction(self, mod, name):
+        return 0, name
+
+    def cuFuncSetAttribute(self, *a):
+        return (0,)
+
+    def cuModuleUnload(self, mod):
+        return (0,)
+
+    def cuLaunchKernel(self, f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        # decode kernelParams (void*[], one pointer per parameter) while the caller's buffers are alive
+        ptrs = (ctypes.c_uint64 * len(self.arg_types)).from_address(params)
+        values = [{"i32": ctypes.c_int32, "fp32": ctypes.c_float}.get(ty, ctypes.c_uint64).from_address(p).value
+                  for ty, p in zip(self.arg_types, ptrs)]
+        self.launches.append({"f": f, "grid": (gx, gy, gz), "block": (bx, by, bz), "shared": shared,
+                              "values": values, "extra": extra})
+        return (0,)
+
+
+def test_gpu_check_launch_passes_the_plugin_parameters(built, monkeypatch):
+    """AotKernel (tools/gpu_check.py) packs kernelParams exactly per the metadata: decode them back."""
+    import torch
+
+    from samba_edge.tools import gpu_check
+
+    kdir, index, _ = built
+    rec = json.loads((kdir / index["archs"]["sm_90"]["kernels"]["swa_attention"]["files"]["meta"]).read_text())
+    fake = _FakeDriver()
+    fake.arg_types = [a["type"] for a in rec["args"]]
+    monkeypatch.setattr(gpu_check, "_driver", lambda: fake)
+    b, H, G, T, hs, W = 2, 12, 4, 37, 128, 2048
+    t = {"q": torch.zeros(b, H, T, hs), "k": torch.zeros(b, G, T, hs), "v": torch.zeros(b, G, T, hs),
+         "k_window": torch.zeros(b, G, W - 1, hs), "v_window": torch.zeros(b, G, W - 1, hs),
+         "start_pos": torch.zeros(b, dtype=torch.long), "y": torch.zeros(b, H, T, hs)}
+    k = gpu_check.AotKernel(kdir, rec, "ptx")
+    k.launch(t, {"window": W, "scale": 0.125}, stream=0)
+    (launch,) = fake.launches
+    assert launch["f"] == b"swa_fwd_kernel" and launch["grid"] == (3, b * H, 1)
+    assert launch["block"] == (rec["num_warps"] * 32, 1, 1) and launch["shared"] == rec["shared_mem_bytes"]
+    assert launch["extra"] == 0
+    got = launch["values"]
+    want = [t[n].data_ptr() for n in ("q", "k", "v", "k_window", "v_window", "start_pos", "y")]
+    want += [H, G, T, W, W - 1, 0.125, 0, 0]
+    assert got == want
+
+
+def test_export_ships_kernels(cache, tmp_path):
+    """The plugin flavour's manifest points at kernels/kernels.json; the portable one has none."""
+    pytest.importorskip("onnx")
+    from samba_edge.export.onnx_export import export_onnx
+    from samba_edge.runtime.manifest import Manifest
+
+    art = export_onnx("builtin:samba-tiny-py", tmp_path / "plugin", flavor="plugin", max_chunk=8)
+    m = Manifest.load(art)
+    assert m.kernels == "kernels/kernels.json"
+    index = json.loads((art / m.kernels).read_text())
+    cfg = json.loads((REPO / "export" / "builtin" / "samba-tiny-py" / "config.json").read_text())
+    assert index["model"] == {"d_state": cfg["d_state"], "head_size": cfg["head_size"]}
+    assert not index["errors"] and sorted(index["archs"]) == sorted(f"sm_{a}" for a in ARCHS)
+    # older manifests (no "kernels" field) still load
+    d = json.loads((art / "manifest.json").read_text())
+    del d["kernels"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(d))
+    assert Manifest.load(tmp_path / "old").kernels is None
+
+
+def test_gpu_check_without_gpu_exits_2():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--out", os.devnull],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert p.stderr.startswith("no CUDA GPU: "), p.stderr
+    assert "Traceback" not in p.stderr

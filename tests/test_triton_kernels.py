@@ -1,0 +1,197 @@
+"""The Triton kernels (plugins/triton_scan.py, plugins/triton_swa.py) against the torch references, on CPU.
+
+Triton's interpreter runs the kernels on CPU tensors, but only when TRITON_INTERPRET=1 is set before
+the kernels are decorated, and a pytest process may already have imported them in compiled mode
+(tests/test_aot.py does). So the numerical checks run in a subprocess: this file executed as a
+script (`python tests/test_triton_kernels.py --worker OUT.json`) sets the variable first thing,
+runs every case and writes the max errors; the pytest side asserts on them case by case.
+Shapes are tiny: the interpreter costs a few ms per program per step.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":                       # worker: interpreter on before anything imports triton
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import inspect
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+W = 8                                            # window of the attention cases: chunks 1, 3, 7, W-1, W, W+1
+CHUNKS = [1, 3, 7, W - 1, W, W + 1]
+TOL = 2e-5                                       # on max|kernel - ref| / max(1, max|ref|)
+
+# ---- cases ---------------------------------------------------------------------------------
+# scan: (id, b, E, N, chunk sizes, kwargs for the wrapper)
+SCAN_CASES = [
+    ("scan-chunks-E10-N5-blk8", 2, 10, 5, CHUNKS, {"block_e": 8}),      # E, N not multiples of the blocks
+    ("scan-default-blocks-E3-N16", 2, 3, 16, [1, 4], {}),               # BLOCK_E (32) > E
+    ("scan-decode-E9-N8", 2, 9, 8, [1, 1, 1], {"block_e": 4}),
+    ("scan-E70-N16-3blocks", 2, 70, 16, [W + 1, 28], {}),                # last block of 32 partial
+]
+# attention: (id, b, H, G, hs, window, start positions of the two rows, chunk sizes, dtype, kwargs)
+SWA_CASES = [
+    ("swa-gqa-H4G2-chunks", 2, 4, 2, 12, W, [0, 5], CHUNKS, "float32", {}),
+    ("swa-mqa-H4G1-chunks", 2, 4, 1, 12, W, [3, 0], CHUNKS, "float32", {}),
+    ("swa-mha-H2G2-blocks16", 2, 2, 2, 16, W, [0, 11], [9, 16, 2], "float32", {"block_m": 16, "block_n": 16}),
+    ("swa-gqa-longchunk-W8", 2, 4, 2, 8, W, [2, 40], [33], "float32", {"block_m": 16, "block_n": 16}),
+    ("swa-gqa-W40-multiblock", 2, 4, 2, 8, 40, [0, 23], [20, 1, 37], "float32", {"block_m": 16, "block_n": 16}),
+    ("swa-gqa-fp16", 2, 4, 2, 12, W, [1, 9], [3, 9], "float16", {}),
+    ("swa-gqa-hs64-W16-rows-apart", 2, 4, 2, 64, 16, [0, 100], [1, 15, 16, 17, 5], "float32", {}),
+]
+
+
+def _worker(out: Path) -> None:
+    import torch
+
+    from samba_edge.plugins import reference, triton_scan, triton_swa
+
+    results = {}
+    g = torch.Generator().manual_seed(0)
+
+    def err(a, r) -> float:                                        # max abs error relative to the scale of r
+        return ((a.float() - r.float()).abs().max() / r.float().abs().max().clamp(min=1.0)).item()
+
+    def rnd(*shape, s=1.0):
+        return torch.randn(*shape, generator=g) * s
+
+    for cid, b, E, N, chunks, kw in SCAN_CASES:
+        t0 = time.perf_counter()
+        L = sum(chunks)
+        u, delta, z = rnd(b, E, L), rnd(b, E, L, s=2.0), rnd(b, E, L, s=3.0)
+        delta[0, 0, :2] = 25.0                                     # softplus' linear branch (> 20)
+        delta[1, -1, :2] = -30.0                                   # and its deep negative tail
+        A = -torch.exp(rnd(E, N, s=0.5))
+        B, C = rnd(b, N, L), rnd(b, N, L)
+        D, bias = rnd(E), rnd(E, s=0.5)
+        state = rnd(b, E, N)
+        s_k, s_r, worst, p = state, state, 0.0, 0
+        for T in chunks:
+            sl = slice(p, p + T)
+            args = (u[..., sl], delta[..., sl], A, B[..., sl], C[..., sl], D, z[..., sl], bias)
+            y_k, s_k2 = triton_scan.selective_scan(*args, s_k, **kw)
+            y_r, s_r2 = triton_scan.selective_scan_ref(*args, s_k)              # same incoming state
+            worst = max(worst, err(y_k, y_r), err(s_k2, s_r2))
+            s_k, p = s_k2, p + T
+        # chunked kernel == one long reference call (a chunk continues exactly where the last stopped)
+        y_long, s_long = triton_scan.selective_scan_ref(u, delta, A, B, C, D, z, bias, state)
+        y_np, s_np = reference.selective_scan_np(*(x.numpy() for x in (u, delta, A, B, C, D, z, bias, state)))
+        y_all, _ = triton_scan.selective_scan(u, delta, A, B, C, D, z, bias, state, **kw)
+        results[cid] = {"per_chunk": worst, "vs_long": err(s_k, s_long), "long_y": err(y_all, y_long),
+                        "vs_numpy": err(y_all, torch.from_numpy(y_np)),
+                        "seconds": time.perf_counter() - t0}
+
+    for cid, b, H, G, hs, win, starts, chunks, dt, kw in SWA_CASES:
+        t0 = time.perf_counter()
+        dtype = getattr(torch, dt)
+        C_ = win - 1
+        scale = hs ** -0.5
+        kw_k, vw_k = rnd(b, G, C_, hs), rnd(b, G, C_, hs)                 # slots at negative positions: garbage, masked
+        kw_r, vw_r = kw_k.clone(), vw_k.clone()
+        pos = torch.tensor(starts, dtype=torch.long)
+        worst = {"y": 0.0, "window_step": 0.0, "window_carried": 0.0}
+        for T in chunks:
+            q = rnd(b, H, T, hs).to(dtype)
+            k, v = rnd(b, G, T, hs).to(dtype), rnd(b, G, T, hs).to(dtype)
+            y_k, kw_k2, vw_k2 = triton_swa.sliding_window_attention(q, k, v, kw_k, vw_k, pos, win, scale, **kw)
+            y_r, kw_s, vw_s = triton_swa.sliding_window_attention_ref(q, k, v, kw_k, vw_k, pos, win, scale)
+            _, kw_r, vw_r = triton_swa.sliding_window_attention_ref(q, k, v, kw_r, vw_r, pos, win, scale)
+            assert y_k.dtype == dtype and kw_k2.dtype == torch.float32
+            worst["y"] = max(worst["y"], err(y_k, y_r))
+            worst["window_step"] = max(worst["window_step"], (kw_k2 - kw_s).abs().max().item(),
+                                       (vw_k2 - vw_s).abs().max().item())
+            kw_k, vw_k, pos = kw_k2, vw_k2, pos + T
+            worst["window_carried"] = max(worst["window_carried"], (kw_k - kw_r).abs().max().item(),
+                                          (vw_k - vw_r).abs().max().item())
+        if dt == "float32":                      # the numpy (ONNX Runtime) reference too, one more chunk
+            args = (q, k, v, kw_r, vw_r, pos)
+            y_np = reference.sliding_window_attention_np(*(x.numpy() for x in args), win, scale)[0]
+            y_k2 = triton_swa.sliding_window_attention(*args, win, scale, **kw)[0]
+            worst["vs_numpy"] = err(y_k2, torch.from_numpy(y_np))
+        worst["seconds"] = time.perf_counter() - t0
+        results[cid] = worst
+
+    # tools/gpu_check.py's correctness checks, run here on CPU at tiny sizes (guards the script itself)
+    import triton
+
+    from samba_edge.tools import gpu_check
+
+    t0 = time.perf_counter()
+    gpu_check.DEVICE = "cpu"
+    chk = gpu_check.Checker(torch, triton, quick=True)
+    sz = {"E": 40, "N": 16, "H": 4, "G": 2, "hs": 16, "W": 8}
+    for T in (1, 12):
+        chk.check(f"scan T={T}", lambda T=T: chk.scan_jit(sz, 2, T))
+        chk.check(f"swa T={T}", lambda T=T: chk.swa_jit(sz, 2, T, [0, 29], torch.float32))
+    results["gpu_check-checks"] = {"checks": chk.checks, "seconds": time.perf_counter() - t0}
+    out.write_text(json.dumps(results, indent=2))
+
+
+# ---- pytest side -----------------------------------------------------------------------------
+if __name__ != "__main__":
+    pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="module")
+def interp_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("triton_interp") / "results.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--worker", str(out)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    res = json.loads(out.read_text())
+    res["_wall_seconds"] = time.perf_counter() - t0
+    return res
+
+
+@pytest.mark.parametrize("cid", [c[0] for c in SCAN_CASES])
+def test_selective_scan_matches_reference(interp_results, cid):
+    r = interp_results[cid]
+    assert r["per_chunk"] <= TOL, r            # outputs and state, chunk by chunk, same incoming state
+    assert r["vs_long"] <= TOL, r              # chunked state == one long call
+    assert r["long_y"] <= TOL, r
+    assert r["vs_numpy"] <= TOL, r             # the ONNX Runtime (numpy) reference too
+
+
+@pytest.mark.parametrize("cid", [c[0] for c in SWA_CASES])
+def test_sliding_window_attention_matches_reference(interp_results, cid):
+    r = interp_results[cid]
+    tol = 2e-3 if "fp16" in cid else TOL       # fp16 output rounding
+    assert r["y"] <= tol, r
+    assert r["window_step"] == 0.0 and r["window_carried"] == 0.0, r     # the cache update is a copy
+    if "vs_numpy" in r:
+        assert r["vs_numpy"] <= TOL, r
+
+
+def test_gpu_check_checks_run_on_cpu(interp_results):
+    """The correctness checks of tools/gpu_check.py pass when run on CPU through the interpreter."""
+    checks = interp_results["gpu_check-checks"]["checks"]
+    assert len(checks) == 4 and all(c["ok"] for c in checks), checks
+
+
+def test_wrappers_have_the_reference_signatures():
+    """Host wrappers take the torch reference's arguments (then keyword-only launch options), and the
+    `*_ref` aliases are the references in export/ops.py."""
+    from samba_edge.export import ops
+    from samba_edge.plugins import triton_scan, triton_swa
+
+    for mod, name in ((triton_scan, "selective_scan"), (triton_swa, "sliding_window_attention")):
+        ref = getattr(ops, f"{name}_ref")
+        assert getattr(mod, f"{name}_ref") is ref
+        params = inspect.signature(getattr(mod, name)).parameters.values()
+        positional = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+        assert positional == list(inspect.signature(ref).parameters), name
+        assert all(p.kind is p.KEYWORD_ONLY for p in params if p.kind is not p.POSITIONAL_OR_KEYWORD)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--worker"] or len(sys.argv) != 3:
+        sys.exit("usage: python tests/test_triton_kernels.py --worker OUT.json")
+    _worker(Path(sys.argv[2]))
