@@ -71,7 +71,7 @@ def _worker(out: Path) -> None:
         B, C = rnd(b, N, L), rnd(b, N, L)
         D, bias = rnd(E), rnd(E, s=0.5)
         state = rnd(b, E, N)
-        s_k, s_r, worst, p = state, state, 0.0, 0
+        s_k, worst, p = state, 0.0, 0
         for T in chunks:
             sl = slice(p, p + T)
             args = (u[..., sl], delta[..., sl], A, B[..., sl], C[..., sl], D, z[..., sl], bias)

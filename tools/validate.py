@@ -158,7 +158,7 @@ def validate(artifact: str, reference: str = "torch", backends: Sequence[str] = 
     if ref.manifest.fingerprint != man.fingerprint and not allow_mismatch:
         raise SambaEdgeError(f"reference {ref_spec} has other weights than the artifact (fingerprint differs); "
                              "pass the checkpoint it was exported from, or --allow-mismatch")
-    runners, notes = [_torch_runner(ref, bisect)], []
+    runners = [_torch_runner(ref, bisect)]
     for b in backends:
         if b == "ort":
             runners.append(_ort_runner(art, man, bisect))
@@ -213,7 +213,7 @@ def validate(artifact: str, reference: str = "torch", backends: Sequence[str] = 
     passed = bool(verdict) and all(r["passed"] for r in rows)
     report = {"artifact": str(art), "reference": ref_spec, "flavor": man.flavor, "dtype": man.dtype,
               "atol": atol, "rtol": rtol, "steps": steps, "chunks": list(chunks), "batch": batch, "seed": seed,
-              "tokens": int(pos[0]), "window": man.window, "passed": passed, "notes": notes, "rows": rows}
+              "tokens": int(pos[0]), "window": man.window, "passed": passed, "rows": rows}
     if bisect:
         report["first_divergence"] = first
     if save:
@@ -234,7 +234,8 @@ def load_data():
 '''
 
 
-def write_polygraphy_files(out: Path, feeds, reference: "RunResults", artifact: Path, atol: float, rtol: float) -> None:
+def write_polygraphy_files(out: Path, feeds, reference, artifact: Path, atol: float, rtol: float) -> None:
+    """`reference`: the reference runner's Polygraphy RunResults."""
     from polygraphy.json import save_json
 
     out.mkdir(parents=True, exist_ok=True)
