@@ -203,7 +203,8 @@ def validate(artifact, reference, backends, steps, chunks, batch, atol, rtol, bi
               help="also measure the artifact's checkpoint on the PyTorch backend")
 @click.option("--contexts", default="1k,4k,16k,64k", show_default=True, help="context lengths (1k = 1024 tokens)")
 @click.option("--decode-tokens", default=64, show_default=True, help="single-token steps timed at each context")
-@click.option("--checkpoint", help="the baseline's checkpoint (default: the artifact's source, else builtin:samba-tiny-py)")
+@click.option("--checkpoint", help="the baseline's checkpoint "
+              "(default: the artifact's source, else builtin:samba-tiny-py)")
 @click.option("--threads", type=int, help="intra-op threads for every system (default: the libraries' own)")
 @click.option("--json", "json_out", help="write the full result as JSON to this file")
 @click.option("--plot", help="write a PNG of per-token latency and peak memory against context (needs matplotlib)")
@@ -216,6 +217,38 @@ def bench(artifact: str, baseline: str, contexts: str, decode_tokens: int, check
     res = run_bench(artifact, baseline=baseline, contexts=parse_contexts(contexts), decode_tokens=decode_tokens,
                     json_out=json_out, plot=plot, checkpoint=checkpoint, threads=threads)
     click.echo(render_text(res))
+
+
+@cli.command()
+@click.argument("export_dir")
+@click.option("-o", "--out", "engine_dir", required=True, help="engine directory to create (engine.plan + engine.json)")
+@click.option("--max-chunk", type=int, help="largest prefill chunk (default: the artifact's)")
+@click.option("--max-batch", default=1, show_default=True, help="most streams per call")
+@click.option("--workspace", help="builder workspace limit, e.g. 512M or 2G (default: TensorRT's / the target preset's)")
+@click.option("--opt-level", type=int, help="builder optimisation level 0..5 (default: TensorRT's, 3)")
+@click.option("--timing-cache", help="timing cache file to read and update (Jetson targets default to one in EXPORT_DIR)")
+@click.option("--target", default="x86", show_default=True, type=click.Choice(["x86", "jetson-orin", "jetson-thor"]),
+              help="memory presets; build on the device you deploy to")
+@click.option("--force", is_flag=True, help="replace an existing engine directory")
+def build(export_dir: str, engine_dir: str, max_chunk: Optional[int], max_batch: int, workspace: Optional[str],
+          opt_level: Optional[int], timing_cache: Optional[str], target: str, force: bool) -> None:
+    """Exported artifact -> TensorRT engine (decode + prefill profiles), with TensorRT or TensorRT-RTX."""
+    from samba_edge.tools.build_engine import build_engine
+
+    path = build_engine(export_dir, engine_dir, max_chunk=max_chunk, max_batch=max_batch, workspace=workspace,
+                        opt_level=opt_level, timing_cache=timing_cache, target=target, force=force)
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("artifact", required=False)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def doctor(artifact: Optional[str], as_json: bool) -> None:
+    """TensorRT, CUDA driver, GPU, plugins and kernels on this machine (and ARTIFACT's kernels)."""
+    from samba_edge.tools.doctor import render_text, run_doctor
+
+    report = run_doctor(artifact)
+    click.echo(json.dumps(report, indent=2) if as_json else render_text(report))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -1,0 +1,274 @@
+"""TensorRT engine building on CPU with TensorRT-RTX (or real TensorRT where installed): the samba.*
+plugins, both optimisation profiles, both flavours. Skipped when no TensorRT is importable.
+
+TensorRT-RTX builds but cannot deserialize or run an engine without a GPU, so the engine is checked
+through what TensorRT itself reports at build time (network I/O, read-back profiles, plugin calls)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from samba_edge.runtime.errors import SambaEdgeError
+
+
+def _trt_or_skip():
+    from samba_edge.plugins.trt_import import import_trt
+
+    try:
+        return import_trt()
+    except SambaEdgeError as e:
+        pytest.skip(f"no TensorRT: {e}")
+
+
+trt, TRT_INFO = _trt_or_skip()
+pytest.importorskip("torch")
+pytest.importorskip("onnx")
+
+from samba_edge.plugins import trt_plugins as tp  # noqa: E402
+from samba_edge.runtime.manifest import Manifest  # noqa: E402
+from samba_edge.tools.build_engine import build_engine, parse_size, profile_table  # noqa: E402
+
+CK = "builtin:samba-tiny-py"
+MAX_CHUNK = 16
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    from samba_edge.export.onnx_export import export_onnx
+
+    root = tmp_path_factory.mktemp("trt")
+    return {f: export_onnx(CK, root / f, flavor=f, max_chunk=MAX_CHUNK) for f in ("plugin", "portable")}
+
+
+@pytest.fixture(scope="module")
+def plugin_build(exports, tmp_path_factory):
+    """Build the plugin flavour once (fp32, max batch 2) recording which plugin methods TensorRT called."""
+    calls: dict[str, list] = {}
+    mp = pytest.MonkeyPatch()
+
+    def record(cls, meth):
+        orig = getattr(cls, meth)
+
+        def wrapper(self, *a):
+            res = orig(self, *a)
+            calls.setdefault(f"{cls.NAME}.{meth}", []).append((a, res, dict(self.attrs)))
+            return res
+        mp.setattr(cls, meth, wrapper)
+
+    for cls in (tp.SelectiveScanPlugin, tp.SlidingWindowAttentionPlugin):
+        for m in ("supports_format_combination", "configure_plugin", "get_fields_to_serialize", "get_output_data_types"):
+            record(cls, m)
+    try:
+        out = build_engine(exports["plugin"], tmp_path_factory.mktemp("eng") / "plugin", max_batch=2,
+                           max_chunk=MAX_CHUNK, progress=False)
+    finally:
+        mp.undo()
+    return out, calls
+
+
+def _meta(engine_dir):
+    return json.loads((engine_dir / "engine.json").read_text())
+
+
+def _check_io(meta, manifest: Manifest):
+    ins = {t["name"]: t for t in meta["inputs"]}
+    outs = {t["name"]: t for t in meta["outputs"]}
+    assert list(ins) == [t.name for t in manifest.inputs]
+    assert list(outs) == [t.name for t in manifest.outputs]
+    for spec, got in [*((t, ins[t.name]) for t in manifest.inputs), *((t, outs[t.name]) for t in manifest.outputs)]:
+        assert got["dtype"] == spec.dtype, spec.name
+        assert got["shape"] == [-1 if isinstance(d, str) else d for d in spec.shape], spec.name
+
+
+def _check_profiles(meta, manifest: Manifest, max_batch: int):
+    assert [p["name"] for p in meta["profiles"]] == ["decode", "prefill"]
+    assert [p["index"] for p in meta["profiles"]] == [0, 1]
+    dec, pre = (p["inputs"] for p in meta["profiles"])
+    assert dec["input_ids"] == {"min": [1, 1], "opt": [1, 1], "max": [max_batch, 1]}
+    assert pre["input_ids"] == {"min": [1, 1], "opt": [1, MAX_CHUNK // 2], "max": [max_batch, MAX_CHUNK]}
+    for prof in (dec, pre):
+        assert prof["start_pos"] == {"min": [1], "opt": [1], "max": [max_batch]}
+        for s in manifest.state:                                    # state: batch dynamic, rest fixed
+            assert prof[s.name] == {"min": [1, *s.shape], "opt": [1, *s.shape], "max": [max_batch, *s.shape]}
+
+
+def test_plugin_engine_builds_on_cpu(plugin_build, exports):
+    out, calls = plugin_build
+    manifest = Manifest.load(exports["plugin"])
+    meta = _meta(out)
+    assert (out / "engine.plan").stat().st_size > 0
+    assert meta["tensorrt"]["flavor"] == TRT_INFO.flavor and meta["artifact"]["fingerprint"] == manifest.fingerprint
+    _check_io(meta, manifest)
+    _check_profiles(meta, manifest, 2)
+    # the parser created our plugins with the node attributes, and TensorRT configured them per profile
+    cfg = manifest.model
+    scan_attrs = calls["SelectiveScan.configure_plugin"][0][2]
+    assert scan_attrs == {"delta_softplus": 1, "d_inner": cfg["expand"] * cfg["n_embd"], "d_state": cfg["d_state"]}
+    swa = calls["SlidingWindowAttention.configure_plugin"][0][2]
+    assert swa == {"window": cfg["local_window"], "scale": pytest.approx(cfg["head_size"] ** -0.5),
+                   "num_heads": cfg["n_head"], "num_kv_heads": cfg["n_query_groups"], "head_size": cfg["head_size"]}
+    # configure_plugin once per profile per plugin instance (2 Mamba + 2 attention layers here)
+    assert len(calls["SelectiveScan.configure_plugin"]) >= 2 and len(calls["SlidingWindowAttention.configure_plugin"]) >= 2
+    # the int64 start_pos input was offered to and accepted by the attention plugin
+    accepted = [(a[0], a[1][a[0]].desc.type) for a, res, _ in calls["SlidingWindowAttention.supports_format_combination"]
+                if res]
+    assert (5, trt.DataType.INT64) in accepted
+    assert calls["SelectiveScan.get_fields_to_serialize"] and calls["SlidingWindowAttention.get_fields_to_serialize"]
+    plan = (out / "engine.plan").read_bytes()
+    assert b"SelectiveScan" in plan and b"SlidingWindowAttention" in plan
+
+
+def test_portable_engine_builds_on_cpu(exports, tmp_path):
+    manifest = Manifest.load(exports["portable"])
+    out = build_engine(exports["portable"], tmp_path / "portable", max_batch=2, max_chunk=MAX_CHUNK, progress=False)
+    meta = _meta(out)
+    _check_io(meta, manifest)
+    _check_profiles(meta, manifest, 2)
+    assert meta["plugins"] == []
+
+
+def test_build_errors(exports, tmp_path, plugin_build):
+    with pytest.raises(SambaEdgeError, match="manifest.json"):
+        build_engine(tmp_path / "nothing", tmp_path / "e")
+    with pytest.raises(SambaEdgeError, match="already exists"):
+        build_engine(exports["plugin"], plugin_build[0])
+    with pytest.raises(SambaEdgeError, match="max-chunk"):
+        build_engine(exports["plugin"], tmp_path / "e", max_chunk=MAX_CHUNK + 1)
+    with pytest.raises(SambaEdgeError, match="target"):
+        build_engine(exports["plugin"], tmp_path / "e", target="jetson-nano")
+    assert parse_size("512M") == 512 << 20 and parse_size("2G") == 2 << 30 and parse_size("100") == 100
+    with pytest.raises(SambaEdgeError):
+        parse_size("lots")
+
+
+def test_cli_build(exports, tmp_path):
+    from samba_edge.tools.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["build", str(tmp_path / "missing"), "-o", str(tmp_path / "e")])
+    assert e.value.code == 2
+    main(["build", str(exports["portable"]), "-o", str(tmp_path / "e"), "--max-chunk", "4", "--target", "jetson-orin",
+          "--timing-cache", str(tmp_path / "tc.cache"), "--workspace", "256M"])
+    meta = _meta(tmp_path / "e")
+    assert meta["target"] == "jetson-orin" and meta["workspace"] == 256 << 20 and meta["max_chunk"] == 4
+    # TensorRT-RTX has no timing cache (its API calls are no-ops): the builder leaves the file alone there
+    assert (tmp_path / "tc.cache").exists() == (TRT_INFO.flavor == "tensorrt")
+
+
+def test_profile_table_odd_chunk(exports):
+    m = Manifest.load(exports["plugin"])
+    p = profile_table(m, 1, 3)
+    assert p[1]["inputs"]["input_ids"] == {"min": [1, 1], "opt": [1, 1], "max": [3, 1]}
+
+
+# ---- the plugin classes against docs/op-contracts.md ---------------------------------------------
+SCAN = {"delta_softplus": 1, "d_inner": 8, "d_state": 4}
+SWA = {"window": 8, "scale": 0.25, "num_heads": 4, "num_kv_heads": 2, "head_size": 16}
+F, H, I64, I32 = trt.DataType.FLOAT, trt.DataType.HALF, trt.DataType.INT64, trt.DataType.INT32
+
+
+def _descs(types, fmt=None):
+    out = []
+    for t in types:
+        d = trt.DynamicPluginTensorDesc()
+        d.desc.type = t
+        if fmt is not None:
+            d.desc.format = fmt
+        out.append(d)
+    return out
+
+
+def _accepts(plugin, types, fmt=None):
+    descs = _descs(types, fmt)
+    return all(plugin.supports_format_combination(i, descs, plugin.N_IN) for i in range(len(types)))
+
+
+def _fc(attrs, spec):
+    keep = []
+    return tp._collection(attrs, spec, keep), keep
+
+
+def test_creators_declare_contract_fields():
+    tp.register_plugins()
+    reg = trt.get_plugin_registry()
+    for cls, fields in ((tp.SelectiveScanCreator, tp.SCAN_FIELDS), (tp.SlidingWindowAttentionCreator, tp.SWA_FIELDS)):
+        c = cls()
+        assert (c.plugin_namespace, c.plugin_version) == ("samba", "1")
+        assert [f.name for f in c.field_names] == list(fields)
+        assert reg.get_creator(c.name, "1", "samba") is not None
+    assert tp.register_plugins() is tp.register_plugins()            # idempotent
+
+
+def test_scan_plugin_contract():
+    fc, _keep = _fc(SCAN, tp.SCAN_FIELDS)
+    p = tp.SelectiveScanCreator().create_plugin("scan", fc, trt.TensorRTPhase.BUILD)
+    assert p.attrs == SCAN and p.num_outputs == 2
+    assert (p.plugin_name, p.plugin_namespace, p.plugin_version) == ("SelectiveScan", "samba", "1")
+    assert p.get_output_data_types([F] * 9) == [F, F]
+    assert _accepts(p, [F] * 11, trt.TensorFormat.LINEAR)
+    for pos in range(11):                                     # any non-fp32 tensor is refused
+        assert not _accepts(p, [H if i == pos else F for i in range(11)])
+    # outputs mirror u (b, E, T) and ssm_state (b, E, N): told apart here by rank
+    ranks = {0: 3, 8: 5}
+    shapes = p.get_output_shapes([trt.DimsExprs(ranks.get(i, 2)) for i in range(9)], [], None)
+    assert [len(s) for s in shapes] == [3, 5]
+    assert p.get_workspace_size([], []) == 0 and p.get_valid_tactics() == []
+    # serialise -> create (runtime phase) -> same attributes; clone keeps them
+    ser = p.get_fields_to_serialize()
+    assert {f.name: np.asarray(f.data).tolist() for f in ser} == {k: [v] for k, v in SCAN.items()}
+    q = tp.SelectiveScanCreator().create_plugin("scan", ser, trt.TensorRTPhase.RUNTIME)
+    assert q.attrs == SCAN and p.clone().attrs == SCAN and p.clone() is not p
+
+
+def test_swa_plugin_contract():
+    fc, _keep = _fc(SWA, tp.SWA_FIELDS)
+    p = tp.SlidingWindowAttentionCreator().create_plugin("swa", fc, trt.TensorRTPhase.BUILD)
+    assert p.attrs == SWA and p.num_outputs == 3
+    for act in (F, H):                                        # q/k/v/y fp32 or fp16, windows fp32, start_pos int64
+        assert _accepts(p, [act, act, act, F, F, I64, act, F, F])
+        assert p.get_output_data_types([act, act, act, F, F, I64]) == [act, F, F]
+    assert not _accepts(p, [F, H, F, F, F, I64, F, F, F])     # k must match q
+    assert not _accepts(p, [H, H, H, H, F, I64, H, F, F])     # windows stay fp32
+    assert not _accepts(p, [F, F, F, F, F, I32, F, F, F])     # start_pos is int64, not int32
+    assert not _accepts(p, [H, H, H, F, F, I64, F, F, F])     # y has q's type
+    ranks = {0: 3, 3: 4, 4: 5}
+    shapes = p.get_output_shapes([trt.DimsExprs(ranks.get(i, 2)) for i in range(6)], [], None)
+    assert [len(s) for s in shapes] == [3, 4, 5]               # y ~ q, k_window_out ~ k_window, v_window_out ~ v_window
+    ser = p.get_fields_to_serialize()
+    q = tp.SlidingWindowAttentionCreator().create_plugin("swa", ser, trt.TensorRTPhase.RUNTIME)
+    assert q.attrs == SWA
+
+
+def test_plugin_missing_attribute_is_an_error():
+    fc, _keep = _fc({"d_inner": 8}, tp.SCAN_FIELDS)
+    with pytest.raises(ValueError, match="delta_softplus"):
+        tp.SelectiveScanPlugin(tp._fields(fc, tp.SCAN_FIELDS))
+
+
+def test_launcher_without_kernels_is_a_clear_error(monkeypatch, tmp_path):
+    from samba_edge.plugins import trt_launch
+
+    monkeypatch.delenv("SAMBA_EDGE_KERNELS", raising=False)
+    trt_launch.set_kernels_dir(None)
+    with pytest.raises(SambaEdgeError, match="no kernels"):
+        trt_launch._index_path()
+    trt_launch.set_kernels_dir(tmp_path)
+    try:
+        with pytest.raises(SambaEdgeError, match="kernels.json"):
+            trt_launch._index_path()
+    finally:
+        trt_launch.set_kernels_dir(None)
+    assert trt_launch.grid_value("cdiv(E, 32)", {"E": 65}) == 3
+    assert trt_launch.grid_value("b * H", {"b": 2, "H": 4}) == 8
+
+
+def test_rtx_soname_fix_in_cache_dir():
+    if TRT_INFO.flavor != "tensorrt-rtx":
+        pytest.skip("TensorRT-RTX only")
+    from samba_edge.plugins.trt_import import cache_dir
+
+    links = list(cache_dir().glob("trt-rtx-*/libtensorrt_rtx.so"))
+    assert links and all(os.path.realpath(x).endswith("libtensorrt_rtx.so.1") for x in links)

@@ -1,0 +1,266 @@
+"""`samba-edge build`: an exported artifact -> a TensorRT engine (engine.plan + engine.json).
+
+Reads manifest.json (never re-derives graph facts), registers the samba.* plugins for the plugin
+flavour, parses model.onnx with TensorRT's OnnxParser into a strongly typed network (TensorRT-RTX
+always is; real TensorRT gets NetworkDefinitionCreationFlag.STRONGLY_TYPED) and builds two
+optimisation profiles: 0 = decode (seq 1), 1 = prefill (seq 1..max_chunk, opt max_chunk/2); batch
+1..max_batch everywhere (opt 1), state inputs with the same dynamic batch. Writes atomically.
+
+Works with real TensorRT (x86 10.x/11.x, Jetson JetPack 6/7: build on the board) and with
+TensorRT-RTX, which builds on a CPU-only machine (a structural check: it cannot run the engine).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from samba_edge.runtime.errors import SambaEdgeError
+from samba_edge.runtime.manifest import Manifest
+
+ENGINE_FILE = "engine.plan"
+ENGINE_JSON = "engine.json"
+TARGETS = ("x86", "jetson-orin", "jetson-thor")
+# Jetson memory is shared between CPU and GPU: cap the builder's scratch memory by default.
+PRESETS = {
+    "x86": {"workspace": None, "tactic_dram": None},
+    "jetson-orin": {"workspace": 1 << 30, "tactic_dram": 1 << 30},
+    "jetson-thor": {"workspace": 4 << 30, "tactic_dram": 4 << 30},
+}
+ENGINE_FORMAT_VERSION = 1
+
+
+def parse_size(text: str | int | None) -> Optional[int]:
+    """'512M', '2G', '1048576' -> bytes."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)i?[bB]?\s*", str(text))
+    if not m:
+        raise SambaEdgeError(f"--workspace must be a size like 512M or 2G, got {text!r}")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+def _dim_values(spec_shape: list, batch: int, seq: int) -> tuple[int, ...]:
+    out = []
+    for d in spec_shape:
+        if d == "batch":
+            out.append(batch)
+        elif d == "seq":
+            out.append(seq)
+        elif isinstance(d, str):
+            raise SambaEdgeError(f"manifest has an unknown symbolic dimension {d!r}; re-export the artifact")
+        else:
+            out.append(int(d))
+    return tuple(out)
+
+
+def profile_table(manifest: Manifest, max_chunk: int, max_batch: int) -> list[dict[str, Any]]:
+    """[{name, inputs: {tensor: {min, opt, max}}}] for the decode and prefill profiles."""
+    profiles = []
+    for name, (smin, sopt, smax) in (("decode", (1, 1, 1)), ("prefill", (1, max(1, max_chunk // 2), max_chunk))):
+        shapes = {}
+        for t in manifest.inputs:
+            if not any(isinstance(d, str) for d in t.shape):
+                continue
+            shapes[t.name] = {"min": list(_dim_values(t.shape, 1, smin)), "opt": list(_dim_values(t.shape, 1, sopt)),
+                              "max": list(_dim_values(t.shape, max_batch, smax))}
+        profiles.append({"name": name, "inputs": shapes})
+    return profiles
+
+
+def _make_progress_monitor(trt, show: bool):
+    if not show or not hasattr(trt, "IProgressMonitor"):
+        return None
+
+    class Progress(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self.t0 = time.monotonic()
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            if parent_phase is None:
+                print(f"  [{time.monotonic() - self.t0:6.1f}s] {phase_name}", file=sys.stderr, flush=True)
+
+        def step_complete(self, phase_name, step):
+            return True
+
+        def phase_finish(self, phase_name):
+            pass
+
+    return Progress()
+
+
+class _Logger:
+    """TensorRT logger that keeps errors for a one-line report."""
+
+    def __init__(self, trt, verbose: bool) -> None:
+        base = trt.ILogger
+        outer = self
+
+        class L(base):
+            def __init__(self) -> None:
+                base.__init__(self)
+
+            def log(self, severity, msg):
+                if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                    outer.errors.append(str(msg).strip())
+                if verbose or severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                    print(f"  [trt] {msg}", file=sys.stderr)
+
+        self.errors: list[str] = []
+        self.logger = L()
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[int] = None, max_batch: int = 1,
+                 workspace: str | int | None = None, opt_level: Optional[int] = None,
+                 timing_cache: Optional[str] = None, target: str = "x86", force: bool = False,
+                 progress: bool = True, verbose: bool = False) -> Path:
+    """Public entry of `samba-edge build`. Returns the engine directory."""
+    from samba_edge.export.checkpoint import atomic_dir, check_output
+    from samba_edge.plugins.trt_import import import_trt
+
+    export_dir, out = Path(export_dir), Path(out)
+    manifest = Manifest.load(export_dir)
+    if target not in TARGETS:
+        raise SambaEdgeError(f"unknown --target {target!r}; use one of: {', '.join(TARGETS)}")
+    if manifest.flavor not in ("plugin", "portable"):
+        raise SambaEdgeError(f"artifact flavour {manifest.flavor!r} cannot be built; re-export with "
+                             "--flavor plugin (or portable)")
+    max_chunk = manifest.max_chunk if max_chunk is None else int(max_chunk)
+    if not 1 <= max_chunk <= manifest.max_chunk:
+        raise SambaEdgeError(f"--max-chunk must be in 1..{manifest.max_chunk} (the artifact's max chunk), got {max_chunk}")
+    if max_batch < 1:
+        raise SambaEdgeError(f"--max-batch must be >= 1, got {max_batch}")
+    if opt_level is not None and not 0 <= opt_level <= 5:
+        raise SambaEdgeError(f"--opt-level must be in 0..5, got {opt_level}")
+    ws = parse_size(workspace)
+    preset = PRESETS[target]
+    if ws is None:
+        ws = preset["workspace"]
+    elif preset["workspace"] is not None and ws > preset["workspace"]:
+        print(f"note: --workspace {ws >> 20} MiB is above the {target} preset's {preset['workspace'] >> 20} MiB",
+              file=sys.stderr)
+    onnx_path = export_dir / manifest.onnx_file
+    if not onnx_path.exists():
+        raise SambaEdgeError(f"{onnx_path} is missing; re-export the artifact")
+    check_output(out, force)
+
+    trt, info = import_trt()
+    if target.startswith("jetson") and timing_cache is None:     # persisted across builds on the board
+        from samba_edge.plugins.trt_import import cache_dir
+
+        timing_cache = str(cache_dir() / "timing" / f"{target}-{info.flavor}-{info.version}.cache")
+    if manifest.flavor == "plugin":
+        from samba_edge.plugins.trt_plugins import register_plugins
+
+        register_plugins()
+    log = _Logger(trt, verbose)
+    builder = trt.Builder(log.logger)
+    flags = 0
+    if info.flavor == "tensorrt":
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):        # TRT 10 deprecates, 11 removes
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, log.logger)
+    t0 = time.monotonic()
+    if progress:
+        print(f"parsing {onnx_path} ({info.flavor} {info.version})", file=sys.stderr, flush=True)
+    # parse_from_file resolves external data (model.onnx.data) next to the file
+    ok = parser.parse_from_file(str(onnx_path))
+    if not ok:
+        errs = [str(parser.get_error(i)) for i in range(parser.num_errors)] or log.errors or ["unknown parser error"]
+        raise SambaEdgeError(f"TensorRT's ONNX parser rejected {onnx_path}: {_one_line(errs[0])}")
+    t_parse = time.monotonic() - t0
+
+    net_inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
+    missing = [t.name for t in manifest.inputs if t.name not in net_inputs]
+    if missing:
+        raise SambaEdgeError(f"model.onnx lacks manifest input(s) {', '.join(missing)}; re-export the artifact")
+
+    config = builder.create_builder_config()
+    if ws is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, ws)
+    if preset["tactic_dram"] is not None and hasattr(trt.MemoryPoolType, "TACTIC_DRAM"):
+        config.set_memory_pool_limit(trt.MemoryPoolType.TACTIC_DRAM, min(preset["tactic_dram"], ws or preset["tactic_dram"]))
+    if opt_level is not None:
+        config.builder_optimization_level = opt_level
+    monitor = _make_progress_monitor(trt, progress)
+    if monitor is not None:
+        config.progress_monitor = monitor
+    cache = None
+    if timing_cache and info.flavor == "tensorrt-rtx":
+        timing_cache = None                # TensorRT-RTX: timing-cache calls are deprecated no-ops
+    if timing_cache:
+        data = Path(timing_cache).read_bytes() if Path(timing_cache).exists() else b""
+        cache = config.create_timing_cache(data)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+
+    profiles = profile_table(manifest, max_chunk, max_batch)
+    for p in profiles:
+        prof = builder.create_optimization_profile()
+        for name, s in p["inputs"].items():
+            prof.set_shape(name, s["min"], s["opt"], s["max"])
+        index = config.add_optimization_profile(prof)
+        if index < 0 or not prof:
+            raise SambaEdgeError(f"TensorRT rejected the {p['name']} optimisation profile: "
+                                 f"{_one_line('; '.join(log.errors) or 'invalid shapes')}")
+        p["index"] = index
+        # engine.json records what TensorRT holds (read back), not what we meant to set
+        p["inputs"] = {name: dict(zip(("min", "opt", "max"), ([int(d) for d in dims] for dims in prof.get_shape(name))))
+                       for name in p["inputs"]}
+
+    t1 = time.monotonic()
+    if progress:
+        print(f"building ({len(profiles)} profiles, batch 1..{max_batch}, chunk 1..{max_chunk}, target {target})",
+              file=sys.stderr, flush=True)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise SambaEdgeError(f"TensorRT could not build the engine: {_one_line('; '.join(log.errors) or 'no reason given')}")
+    t_build = time.monotonic() - t1
+
+    def io(t):
+        return {"name": t.name, "dtype": _np_dtype(trt, t.dtype), "shape": list(t.shape)}
+
+    meta = {
+        "engine_format_version": ENGINE_FORMAT_VERSION,
+        "engine_file": ENGINE_FILE,
+        "tensorrt": {"flavor": info.flavor, "version": info.version},
+        "target": target,
+        "artifact": {"path": str(export_dir.resolve()), "fingerprint": manifest.fingerprint,
+                     "flavor": manifest.flavor, "dtype": manifest.dtype, "max_chunk": manifest.max_chunk},
+        "plugins": [{"name": c["name"], "namespace": c["domain"], "version": c["plugin_version"]}
+                    for c in manifest.custom_ops],
+        "max_batch": max_batch, "max_chunk": max_chunk,
+        "workspace": ws, "opt_level": opt_level,
+        "profiles": profiles,
+        "inputs": [io(network.get_input(i)) for i in range(network.num_inputs)],
+        "outputs": [io(network.get_output(i)) for i in range(network.num_outputs)],
+        "build_seconds": {"parse": round(t_parse, 2), "build": round(t_build, 2)},
+    }
+    with atomic_dir(out, force) as tmp:
+        (tmp / ENGINE_FILE).write_bytes(bytes(plan))
+        (tmp / ENGINE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    if cache is not None and timing_cache:
+        tc = Path(timing_cache)
+        tc.parent.mkdir(parents=True, exist_ok=True)
+        tmp_tc = tc.with_name(f".{tc.name}.{os.getpid()}")
+        tmp_tc.write_bytes(bytes(config.get_timing_cache().serialize()))
+        os.replace(tmp_tc, tc)
+    return out
+
+
+def _np_dtype(trt, dt) -> str:
+    names = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
+             "INT64": "int64", "BOOL": "bool", "UINT8": "uint8", "FP8": "float8"}
+    return names.get(dt.name, dt.name.lower())
