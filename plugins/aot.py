@@ -407,7 +407,7 @@ def load_index(artifact_dir: Path) -> dict:
 
 
 # ---- for launchers written in Python (tools/gpu_check.py, tests) -----------------------------
-def _eval_expr(expr: str, names: dict[str, int]) -> int:
+def eval_grid_expr(expr: str, names: dict[str, int]) -> int:
     """Evaluate a grid expression: integers, names, +, *, cdiv(a, b). Nothing else is accepted."""
     import ast
 
@@ -433,7 +433,7 @@ def _eval_expr(expr: str, names: dict[str, int]) -> int:
 def eval_grid(record: dict, shapes: dict[str, tuple]) -> tuple[int, int, int]:
     """The launch grid of a kernel record, given the op's tensor shapes by contract name."""
     names = {n: shapes[v["tensor"]][v["axis"]] for n, v in record["grid_vars"].items()}
-    gx, gy, gz = (_eval_expr(e, names) for e in record["grid"])
+    gx, gy, gz = (eval_grid_expr(e, names) for e in record["grid"])
     return gx, gy, gz
 
 

@@ -20,10 +20,8 @@ STATUS: written against plugins/aot.py's record format; never executed on a GPU 
 """
 from __future__ import annotations
 
-import ast
 import ctypes
 import json
-import operator
 import os
 import threading
 from pathlib import Path
@@ -126,25 +124,16 @@ def _function(driver, root: Path, rec: dict, sm: str):
         return _functions[key][1]
 
 
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
 
 
 def grid_value(expr: str, env: dict[str, int]) -> int:
     """Evaluate a grid formula of aot.py ('cdiv(E, 32)', 'b * H', '1') over integer variables."""
-    def ev(n):
-        if isinstance(n, ast.Expression):
-            return ev(n.body)
-        if isinstance(n, ast.Constant) and isinstance(n.value, int):
-            return n.value
-        if isinstance(n, ast.Name) and n.id in env:
-            return int(env[n.id])
-        if isinstance(n, ast.BinOp) and type(n.op) in _OPS:
-            return _OPS[type(n.op)](ev(n.left), ev(n.right))
-        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "cdiv" and len(n.args) == 2:
-            a, b = ev(n.args[0]), ev(n.args[1])
-            return -(-a // b)
-        raise SambaEdgeError(f"unsupported grid expression {expr!r} in kernels metadata")
-    return ev(ast.parse(expr, mode="eval"))
+    from samba_edge.plugins.aot import eval_grid_expr
+
+    try:
+        return eval_grid_expr(expr, env)
+    except ValueError as e:
+        raise SambaEdgeError(f"{e} in kernels metadata") from None
 
 
 def _args(rec: dict, inputs: Sequence[int], outputs: Sequence[int], shapes: dict, attrs: dict):
