@@ -187,20 +187,19 @@ def kernel_specs(cfg, dtype: str = "fp32") -> list[KernelSpec]:
 # ---- compiling ------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _env(**changes: Optional[str]):
+    def apply(values: dict) -> None:                       # None means: unset
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
     old = {k: os.environ.get(k) for k in changes}
     try:
-        for k, v in changes.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply(changes)
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply(old)
 
 
 def _kernel_module(module: str):

@@ -62,18 +62,19 @@ def _driver():
     return driver
 
 
-def _check(result, what: str):
+def cuda_check(result, what: str, error: type = RuntimeError):
+    """Unpack a cuda-python call's (err, *values) result; raise `error` on a non-zero status."""
     err, *rest = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
-        raise RuntimeError(f"{what} failed: CUDA driver error {err}")
+        raise error(f"{what} failed: CUDA error {err}")
     return rest[0] if len(rest) == 1 else (tuple(rest) if rest else None)
 
 
 def _device_sm(driver) -> str:
-    dev = _check(driver.cuCtxGetDevice(), "cuCtxGetDevice")
+    dev = cuda_check(driver.cuCtxGetDevice(), "cuCtxGetDevice")
     a = driver.CUdevice_attribute
-    major = _check(driver.cuDeviceGetAttribute(a.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cuDeviceGetAttribute")
-    minor = _check(driver.cuDeviceGetAttribute(a.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "cuDeviceGetAttribute")
+    major = cuda_check(driver.cuDeviceGetAttribute(a.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cuDeviceGetAttribute")
+    minor = cuda_check(driver.cuDeviceGetAttribute(a.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "cuDeviceGetAttribute")
     return f"sm_{major}{minor}"
 
 
@@ -105,7 +106,7 @@ def _records(op: str) -> tuple[Path, list[dict]]:
 
 
 def _function(driver, root: Path, rec: dict, sm: str):
-    ctx = int(_check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent"))
+    ctx = int(cuda_check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent"))
     use_cubin = "cubin" in rec["files"] and rec["arch"] == sm
     f = rec["files"]["cubin" if use_cubin else "ptx"]
     key = (ctx, str(root / f), rec["entry"])
@@ -114,16 +115,14 @@ def _function(driver, root: Path, rec: dict, sm: str):
             data = (root / f).read_bytes()
             if not use_cubin:
                 data += b"\0"
-            mod = _check(driver.cuModuleLoadData(data), f"cuModuleLoadData({f})")
-            fn = _check(driver.cuModuleGetFunction(mod, rec["entry"].encode()), f"cuModuleGetFunction({rec['entry']})")
+            mod = cuda_check(driver.cuModuleLoadData(data), f"cuModuleLoadData({f})")
+            fn = cuda_check(driver.cuModuleGetFunction(mod, rec["entry"].encode()), f"cuModuleGetFunction({rec['entry']})")
             if rec.get("needs_shared_mem_opt_in"):
-                _check(driver.cuFuncSetAttribute(
+                cuda_check(driver.cuFuncSetAttribute(
                     fn, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     int(rec["shared_mem_bytes"])), "cuFuncSetAttribute")
             _functions[key] = (mod, fn)
         return _functions[key][1]
-
-
 
 
 def grid_value(expr: str, env: dict[str, int]) -> int:
@@ -183,7 +182,7 @@ def _launch(op: str, inputs, outputs, shapes: dict, grid_env: dict, attrs: dict,
             continue
         fn = _function(driver, root, rec, sm)
         bx, by, bz = rec["block"]
-        _check(driver.cuLaunchKernel(fn, *grid, bx, by, bz, int(rec["shared_mem_bytes"]), stream,
+        cuda_check(driver.cuLaunchKernel(fn, *grid, bx, by, bz, int(rec["shared_mem_bytes"]), stream,
                                      _args(rec, inputs, outputs, shapes, attrs), 0), f"cuLaunchKernel({rec['entry']})")
 
 

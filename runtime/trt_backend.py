@@ -32,10 +32,9 @@ def _cudart():
 
 
 def _ok(result, what: str):
-    err, *rest = result
-    if int(err) != 0:
-        raise SambaEdgeError(f"{what} failed: CUDA error {err}")
-    return rest[0] if len(rest) == 1 else (tuple(rest) if rest else None)
+    from samba_edge.plugins.trt_launch import cuda_check
+
+    return cuda_check(result, what, SambaEdgeError)
 
 
 class TrtBackend:
