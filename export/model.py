@@ -81,10 +81,11 @@ class Mamba(nn.Module):
         xc = F.conv1d(xpad, self.conv1d.weight, self.conv1d.bias, groups=self.E)  # (b, E, T)
         u = F.silu(xc)
         dt, Bm, Cm = self.x_proj(u.transpose(1, 2)).split([self.R, self.N, self.N], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)        # (b, E, T); bias goes in the scan
+        # dt_proj in fp32 (tiny GEMM, R x E): delta feeds exp() in the scan, fp16 rounding here would compound
+        delta = F.linear(dt.float(), self.dt_proj.weight.float()).transpose(1, 2)   # (b, E, T); bias in the scan
         A = -torch.exp(self.A_log.float())                               # (E, N) fp32
         y, new_ssm = ops.selective_scan(
-            u.float(), delta.float(), A, Bm.transpose(1, 2).float(), Cm.transpose(1, 2).float(),
+            u.float(), delta, A, Bm.transpose(1, 2).float(), Cm.transpose(1, 2).float(),
             self.D.float(), z.float(), self.dt_proj.bias.float(), ssm_state)
         return self.out_proj(y.transpose(1, 2).to(h.dtype)), new_conv, new_ssm
 
@@ -196,7 +197,7 @@ class Samba(nn.Module):
         if last_only:
             x = x[:, -1:]
         w = self.lm_head.weight
-        logits = F.linear(self.transformer.ln_f(x.to(w.dtype)), w).float()
+        logits = F.linear(self.transformer.ln_f(x), w).float()          # norm statistics on the fp32 stream
         return (logits, *new_state)
 
 

@@ -21,6 +21,7 @@ from samba_edge.runtime.errors import SambaEdgeError
 from samba_edge.runtime.manifest import Manifest, StateSpec, TensorSpec
 
 FLAVORS = ("plugin", "portable")
+DTYPES = {"fp32": "float32", "fp16": "float16"}    # --dtype -> manifest dtype (int8 comes from `calibrate`)
 MIN_OPSET, DEFAULT_OPSET = 18, 18
 EXTERNAL_DATA_BYTES = 256 * 2**20
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"     # node metadata: the nn.Module path that produced the node          # larger weights go to model.onnx.data (protobuf caps at 2 GiB)
@@ -45,7 +46,8 @@ def weights_fingerprint(state_dict) -> str:
 
 
 def build_manifest(cfg, flavor: str, opset: int, max_chunk: int, logits: str, fingerprint: str,
-                   tokenizer: Optional[str], special: dict, source: Optional[str] = None) -> Manifest:
+                   tokenizer: Optional[str], special: dict, source: Optional[str] = None,
+                   dtype: str = "float32") -> Manifest:
     state = []
     for name, shape in cfg.state_shapes(1):
         kind, layer = name.split(".")
@@ -56,7 +58,7 @@ def build_manifest(cfg, flavor: str, opset: int, max_chunk: int, logits: str, fi
     outputs += [TensorSpec(s.output, s.dtype, ["batch", *s.shape]) for s in state]
     custom = [{"name": op, "domain": "samba", "plugin_version": "1"}
               for op in ("SelectiveScan", "SlidingWindowAttention")] if flavor == "plugin" else []
-    return Manifest(model=cfg.to_dict(), flavor=flavor, dtype="float32", opset=opset, max_chunk=max_chunk,
+    return Manifest(model=cfg.to_dict(), flavor=flavor, dtype=dtype, opset=opset, max_chunk=max_chunk,
                     logits=logits, inputs=inputs, outputs=outputs, state=state, fingerprint=fingerprint,
                     window=cfg.local_window, tokenizer=tokenizer, special_tokens=special, custom_ops=custom,
                     samba_edge_version=pkg_version("samba-edge"), source=source)
@@ -127,8 +129,12 @@ class _quiet_exporter:
 
 def export_onnx(checkpoint: str, out: str | Path, flavor: str = "plugin", config: Optional[str] = None,
                 max_chunk: int = 256, opset: int = DEFAULT_OPSET, logits: str = "all", force: bool = False,
-                tokenizer: Optional[str] = None) -> Path:
-    """Public entry of `samba-edge export`. Writes atomically: OUTDIR appears complete or not at all."""
+                tokenizer: Optional[str] = None, dtype: str = "fp32") -> Path:
+    """Public entry of `samba-edge export`. Writes atomically: OUTDIR appears complete or not at all.
+
+    dtype fp16: weights and GEMMs in fp16, the casts explicit in the graph (strongly typed); the scan,
+    delta/dt_proj/softplus/exp, A, D, every state tensor, norm statistics, RoPE phases, softmax and the
+    residual stream stay fp32 (export/model.py decides each, the custom ops' schemas enforce the scan's)."""
     import shutil
 
     import onnx
@@ -139,6 +145,9 @@ def export_onnx(checkpoint: str, out: str | Path, flavor: str = "plugin", config
 
     if flavor not in FLAVORS:
         raise SambaEdgeError(f"unknown flavour {flavor!r}; use one of: {', '.join(FLAVORS)}")
+    if dtype not in DTYPES:
+        raise SambaEdgeError(f"unknown --dtype {dtype!r}; use one of: {', '.join(DTYPES)} "
+                             "(for int8, export fp32 and run `samba-edge calibrate`)")
     if opset < MIN_OPSET:
         raise SambaEdgeError(f"opset {opset} is too old for the ops this graph uses (Scan/Softmax/Range with "
                              f"dynamic shapes via the dynamo exporter); use --opset {MIN_OPSET} or newer")
@@ -154,12 +163,16 @@ def export_onnx(checkpoint: str, out: str | Path, flavor: str = "plugin", config
     if tok_path is not None:
         tok = load_tokenizer(tokenizer=tok_path)
         special = {"bos": tok.bos_id, "eos": tok.eos_id}
-    model = ckpt.model()
+    import torch
+
+    model = ckpt.model(torch.float16 if dtype == "fp16" else torch.float32)
     proto = trace_onnx(model, flavor, opset, max_chunk, logits == "last")
     register_schemas()
     manifest = build_manifest(model.config, flavor, opset, max_chunk, logits, weights_fingerprint(ckpt.state_dict),
-                              tok_path.name if tok_path else None, special, source=_source(checkpoint))
-    onnx.helper.set_model_props(proto, {"samba_edge.fingerprint": manifest.fingerprint, "samba_edge.flavor": flavor})
+                              tok_path.name if tok_path else None, special, source=_source(checkpoint),
+                              dtype=DTYPES[dtype])
+    onnx.helper.set_model_props(proto, {"samba_edge.fingerprint": manifest.fingerprint, "samba_edge.flavor": flavor,
+                                        "samba_edge.dtype": manifest.dtype})
     with atomic_dir(out, force) as tmp:
         large = sum(len(t.raw_data) for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
         onnx.save_model(proto, str(tmp / "model.onnx"), save_as_external_data=large, all_tensors_to_one_file=True,
@@ -168,7 +181,7 @@ def export_onnx(checkpoint: str, out: str | Path, flavor: str = "plugin", config
         if flavor == "plugin" and importlib.util.find_spec("triton") is not None:   # AOT GPU kernels
             from samba_edge.plugins.aot import INDEX, KERNELS_DIR, write_kernels
 
-            write_kernels(tmp, model.config)
+            write_kernels(tmp, model.config, dtype={"float32": "fp32", "float16": "fp16"}[manifest.dtype])
             manifest.kernels = f"{KERNELS_DIR}/{INDEX}"
         (tmp / "manifest.json").write_text(manifest.to_json())
         if tok_path is not None:

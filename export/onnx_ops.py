@@ -131,7 +131,9 @@ def _swa_function(cfg: SambaConfig, opset: int) -> onnx.FunctionProto:
     nodes = [
         _const("ax2", [2]), _const("ax1", [1]), _const("ax12", [1, 2]),
         _const("big", [2**62]), _const("qshape", [0, G, H // G, -1, hs]), _const("yshape", [0, H, -1, hs]),
-        n("Concat", ["k_window", "k"], ["keys"], axis=2), n("Concat", ["v_window", "v"], ["vals"], axis=2),
+        # the window state is fp32 in every precision; it joins the chunk in k's dtype (as the reference)
+        n("CastLike", ["k_window", "k"], ["kw"]), n("CastLike", ["v_window", "v"], ["vw"]),
+        n("Concat", ["kw", "k"], ["keys"], axis=2), n("Concat", ["vw", "v"], ["vals"], axis=2),
         n("Shape", ["q"], ["T1"], start=2, end=3), n("Squeeze", ["T1"], ["T"]),
         n("Constant", [], ["zero"], value=helper.make_tensor("zero", TensorProto.INT64, [], [0])),
         n("Constant", [], ["onei"], value=helper.make_tensor("onei", TensorProto.INT64, [], [1])),
@@ -156,8 +158,9 @@ def _swa_function(cfg: SambaConfig, opset: int) -> onnx.FunctionProto:
         n("Unsqueeze", ["vals", "ax2"], ["vg"]), n("Cast", ["vg"], ["vf"], to=f32),
         n("MatMul", ["p", "vf"], ["yg"]), n("Reshape", ["yg", "yshape"], ["yf"]),
         n("CastLike", ["yf", "q"], ["y"]),
-        n("Slice", ["keys", "T1", "big", "ax2"], ["k_window_out"]),                                # last W-1
-        n("Slice", ["vals", "T1", "big", "ax2"], ["v_window_out"]),
+        n("Slice", ["keys", "T1", "big", "ax2"], ["k_last"]),                                      # last W-1
+        n("Slice", ["vals", "T1", "big", "ax2"], ["v_last"]),
+        n("CastLike", ["k_last", "k_window"], ["k_window_out"]), n("CastLike", ["v_last", "v_window"], ["v_window_out"]),
     ]
     ins = [name for name, _ in _SPECS["SlidingWindowAttention"]["inputs"]]
     return helper.make_function(DOMAIN, "SlidingWindowAttention", ins, ["y", "k_window_out", "v_window_out"],

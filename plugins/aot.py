@@ -350,7 +350,8 @@ def compile_kernel(spec: KernelSpec, arch: ArchSpec) -> tuple[Path, dict]:
     return final, record
 
 
-def write_kernels(out_dir: Path, cfg, archs: Optional[list[int]] = None, strict: bool = False) -> dict:
+def write_kernels(out_dir: Path, cfg, archs: Optional[list[int]] = None, strict: bool = False,
+                  dtype: str = "fp32") -> dict:
     """Compile every kernel of the plugin ops for every arch into out_dir/kernels/; returns the index.
 
     Writes out_dir/kernels/<sm_XX>/<kernel>.ptx / .cubin / .json and out_dir/kernels/kernels.json.
@@ -361,11 +362,12 @@ def write_kernels(out_dir: Path, cfg, archs: Optional[list[int]] = None, strict:
 
     out = Path(out_dir) / KERNELS_DIR
     out.mkdir(parents=True, exist_ok=True)
-    specs = kernel_specs(cfg)
+    specs = kernel_specs(cfg, dtype)                      # dtype: the attention's q/k/v/y (scan: fp32 always)
     index: dict[str, Any] = {
         "format_version": FORMAT_VERSION, "triton_version": triton.__version__,
         "note": "PTX + cubin of the samba.* plugin kernels; launch per the per-kernel JSON (docs/kernels.md)",
         "model": {"d_state": int(_cfg_get(cfg, "d_state")), "head_size": int(_cfg_get(cfg, "head_size"))},
+        "attention_dtype": dtype,
         "ops": {}, "archs": {}, "errors": [],
     }
     for s in specs:

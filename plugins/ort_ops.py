@@ -41,6 +41,28 @@ def register_reference_ops() -> str:
     return get_library_path()
 
 
+def _widen_half_attention(graph) -> None:
+    """Python custom ops cannot take fp16 tensors, so in an fp16 graph q/k/v are cast up to fp32 before
+    the attention reference and y back to fp16 after. Exact: the reference computes in fp32 and rounds
+    y to q's dtype once; the fp32 windows only ever hold fp16-representable values."""
+    from onnx import TensorProto, helper
+
+    nodes = []
+    for node in graph.node:
+        if node.domain == CONTRIB and node.op_type == "SlidingWindowAttention":
+            for i in range(3):
+                wide = f"{node.input[i]}/fp32_for_{node.name}"
+                nodes.append(helper.make_node("Cast", [node.input[i]], [wide], to=TensorProto.FLOAT))
+                node.input[i] = wide
+            y = node.output[0]
+            node.output[0] = f"{y}/fp32"
+            nodes += [node, helper.make_node("Cast", [node.output[0]], [y], to=TensorProto.FLOAT16)]
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 def plugin_session(model, session_options=None, providers=None, weights_dir=None):
     """An InferenceSession for a plugin-flavour model (a path, or a ModelProto whose external weights
     live in `weights_dir`); samba.* nodes run the numpy references."""
@@ -58,6 +80,8 @@ def plugin_session(model, session_options=None, providers=None, weights_dir=None
     for node in proto.graph.node:
         if node.domain == "samba":
             node.domain = CONTRIB
+    if {p.key: p.value for p in proto.metadata_props}.get("samba_edge.dtype") == "float16":
+        _widen_half_attention(proto.graph)
     proto.opset_import.append(onnx.helper.make_opsetid(CONTRIB, 1))
     if weights_dir is not None:         # the graph goes in as bytes; external weights are read in place
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))

@@ -62,16 +62,19 @@ def convert(checkpoint: str, out: str, config: Optional[str], tokenizer: Optiona
               "(default: all at once; an artifact's max chunk)")
 @click.option("--backend", default="auto", show_default=True,
               help="torch (checkpoint) | ort (exported artifact) | auto")
+@click.option("--agree-with", help="checkpoint or artifact (e.g. the fp32 export) to measure top-1 agreement with")
+@click.option("--max-tokens", type=int, help="score only the first N tokens")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object: tokens, nll, ppl[, bits_per_byte]")
 def eval_cmd(checkpoint: str, text: Optional[str], token_ids: Optional[str], config: Optional[str],
-             tokenizer: Optional[str], chunk: Optional[int], backend: str, as_json: bool) -> None:
+             tokenizer: Optional[str], chunk: Optional[int], backend: str, agree_with: Optional[str],
+             max_tokens: Optional[int], as_json: bool) -> None:
     """Next-token NLL (nats), perplexity and bits per byte through the streaming path.
 
     CHECKPOINT may also be an exported artifact directory (run with --backend ort)."""
     from samba_edge.tools.evaluate import evaluate
 
     res = evaluate(checkpoint, text=text, token_ids=token_ids, config=config, chunk=chunk, tokenizer=tokenizer,
-                   backend=backend)
+                   backend=backend, agree_with=agree_with, max_tokens=max_tokens)
     if as_json:
         click.echo(json.dumps(res))
     else:
@@ -88,14 +91,16 @@ def eval_cmd(checkpoint: str, text: Optional[str], token_ids: Optional[str], con
 @click.option("--opset", default=18, show_default=True, help="ONNX opset (>= 18)")
 @click.option("--logits", default="all", show_default=True, help="all positions | last position only")
 @click.option("--tokenizer", help="tokenizer to ship (default: the checkpoint's)")
+@click.option("--dtype", default="fp32", show_default=True,
+              help="fp32 | fp16 (GEMMs/weights; scan, state, norms, softmax stay fp32). INT8: `calibrate`")
 @click.option("--force", is_flag=True, help="replace an existing output directory")
 def export(checkpoint: str, out: str, flavor: str, config: Optional[str], max_chunk: int, opset: int, logits: str,
-           tokenizer: Optional[str], force: bool) -> None:
+           tokenizer: Optional[str], dtype: str, force: bool) -> None:
     """Checkpoint -> model.onnx + manifest.json + tokenizer (one step graph, state as graph I/O)."""
     from samba_edge.export.onnx_export import export_onnx
 
-    path = export_onnx(checkpoint, out, flavor, config, max_chunk, opset, logits, force, tokenizer)
-    click.echo(f"wrote {path} ({flavor} flavour)")
+    path = export_onnx(checkpoint, out, flavor, config, max_chunk, opset, logits, force, tokenizer, dtype)
+    click.echo(f"wrote {path} ({flavor} flavour, {dtype})")
 
 
 def _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, stop_id):
