@@ -63,6 +63,7 @@ class Manifest:
     tokenizer: Optional[str] = None
     special_tokens: dict[str, Optional[int]] = field(default_factory=dict)
     custom_ops: list[dict[str, str]] = field(default_factory=list)
+    quantization: Optional[dict] = None     # calibrate's record (method, data, which GEMMs are int8)
     kernels: Optional[str] = None           # kernels/kernels.json (AOT GPU kernels, plugin flavour), relative
     samba_edge_version: str = ""
     format_version: int = FORMAT_VERSION

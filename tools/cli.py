@@ -246,6 +246,30 @@ def build(export_dir: str, engine_dir: str, max_chunk: Optional[int], max_batch:
 
 
 @cli.command()
+@click.argument("export_dir")
+@click.option("-o", "--out", required=True, help="INT8 artifact directory to create")
+@click.option("--text", "texts", multiple=True, help="UTF-8 calibration text (repeatable)")
+@click.option("--token-ids", help=".npy file of token ids (1-D int) instead of text")
+@click.option("--samples", default=64, show_default=True, help="calibration chunks (one stream, state carried)")
+@click.option("--chunk", default=128, show_default=True, help="tokens per calibration chunk")
+@click.option("--method", default="max", show_default=True, help="activation range: max | entropy | percentile")
+@click.option("--percentile", default=99.99, show_default=True, help="for --method percentile")
+@click.option("--quantize-head", is_flag=True, help="also quantise the (tied) output head (default: fp32)")
+@click.option("--exclude", multiple=True, help="keep GEMMs whose label matches this glob in fp32 (repeatable; "
+              "labels look like h.0.in_proj, h.0.attn.dt_proj, h.1.attn.qkv, h.1.attn.proj, h.2.mlp.w3)")
+@click.option("--force", is_flag=True, help="replace an existing output directory")
+def calibrate(export_dir: str, out: str, texts: tuple, token_ids: Optional[str], samples: int, chunk: int,
+              method: str, percentile: float, quantize_head: bool, exclude: tuple, force: bool) -> None:
+    """fp32 artifact + real text -> INT8 Q/DQ artifact (W8A8 GEMMs; scan, conv, norms, state fp32)."""
+    from samba_edge.calibration.int8 import calibrate as run
+
+    rec = run(export_dir, out, texts, token_ids, samples=samples, chunk=chunk, method=method, percentile=percentile,
+              include_head=quantize_head, exclude=exclude, force=force)
+    click.echo(f"wrote {out} (int8: {len(rec['quantized'])} GEMMs, {len(rec['kept_fp32'])} kept fp32; "
+               f"{method} calibration on {rec['tokens']} tokens)")
+
+
+@cli.command()
 @click.argument("artifact", required=False)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def doctor(artifact: Optional[str], as_json: bool) -> None:

@@ -1,0 +1,305 @@
+"""`samba-edge calibrate`: an fp32 artifact + real text -> an INT8 explicit-quantisation (Q/DQ) artifact.
+
+    W8A8 on the GEMMs only: Mamba in/x/dt/out projections, attention qkv and output, the SwiGLU
+    MLP (the tied head optionally). Symmetric int8, zero point 0, weights per output channel,
+    activations per tensor. Everything else stays fp32: conv1d, the scan and its inputs' maths,
+    norms, RoPE, softmax and every state tensor.
+
+Why onnxruntime.quantization: it is maintained, runs on CPU, writes exactly the zero-point-0
+Q/DQ pairs TensorRT's explicit-quantisation path consumes, and it calibrates with the methods we
+offer (max, entropy, percentile). ModelOpt (the other candidate) pins onnx/onnxruntime versions
+we cannot share and wants TensorRT to calibrate graphs with custom ops (../shared/notes/toolchain.md).
+
+Calibration data is one real token stream: consecutive chunks with the fp32 model's recurrent state
+carried between them (run by the fp32 artifact itself), so the scan-facing projections see the
+activations of a long stream, not of cold starts. The one thing ORT's calibrator does not know is our
+custom ops: its sessions are built by `_PluginCalibrater.create_inference_session`, which registers
+the numpy op references (plugins/ort_ops.py). Ranges go through ORT's calibration cache, so the
+quantiser itself is stock `quantize_static`.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from samba_edge.runtime.errors import SambaEdgeError
+from samba_edge.runtime.manifest import Manifest
+
+METHODS = ("max", "entropy", "percentile")
+SCOPE_KEY = "pkg.torch.onnx.name_scopes"
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def _ort_quant():
+    try:
+        import onnxruntime.quantization as q
+    except ImportError:
+        raise SambaEdgeError("calibrate needs onnxruntime: pip install 'samba-edge[ort]'") from None
+    return q
+
+
+# ---- which GEMMs ----------------------------------------------------------------------------
+def gemm_labels(proto, model: dict) -> dict[str, str]:
+    """MatMul node name -> a readable label ("h.0.in_proj", "h.1.attn", ..., "lm_head") for every
+    weight GEMM of the graph; matmuls between activations (attention inside the portable body) are
+    not weight GEMMs and are left out. dt_proj is found by its weight shape (R, E): it is computed by
+    F.linear in fp32, so it has no module scope of its own."""
+    consts = {i.name: list(i.dims) for i in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    from samba_edge.export.config import SambaConfig
+
+    cfg = SambaConfig.from_dict(model)
+    R, E = cfg.dt_rank, cfg.d_inner
+    labels = {}
+    for n in proto.graph.node:
+        if n.op_type != "MatMul" or n.domain not in ("", "ai.onnx"):
+            continue
+        w = n.input[1]
+        src = producers.get(w)
+        head = src is not None and src.op_type == "Transpose" and src.input[0] in consts   # the tied head
+        if w not in consts and not head:
+            continue
+        scope = {p.key: p.value for p in n.metadata_props}.get(SCOPE_KEY, "")
+        paths = [s.strip(" '[]") for s in scope.split(",") if s.strip(" '[]").startswith("model.transformer.h.")]
+        if head:
+            label = "lm_head"
+        elif paths:
+            label = paths[-1].replace("model.transformer.", "").replace(".mlp.swiglu", ".mlp").replace(".attn.attn", ".attn.qkv")
+            if consts[w] == [R, E] and label.endswith(".attn"):
+                label += ".dt_proj"
+        else:
+            label = n.name
+        labels[n.name] = label
+    return labels
+
+
+def _untie_head(proto, node_name: str) -> None:
+    """Give the head MatMul its own (transposed) weight initializer so it can be quantised per channel;
+    the embedding Gather keeps the fp32 table."""
+    from onnx import numpy_helper
+
+    consts = {i.name: i for i in proto.graph.initializer}
+    node = next(n for n in proto.graph.node if n.name == node_name)
+    src = next(n for n in proto.graph.node if node.input[1] in n.output)
+    w = numpy_helper.to_array(consts[src.input[0]]).T.copy()
+    proto.graph.initializer.append(numpy_helper.from_array(w, "lm_head.weight.T"))
+    node.input[1] = "lm_head.weight.T"
+
+
+# ---- calibration data -----------------------------------------------------------------------
+def read_texts(paths: Sequence[str]) -> list[str]:
+    texts = []
+    for p in paths:
+        try:
+            texts.append(Path(p).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SambaEdgeError(f"calibration text {p} not found") from None
+        except UnicodeDecodeError as e:
+            raise SambaEdgeError(f"calibration text {p} is not UTF-8 (byte {e.start}); convert it, "
+                                 "e.g. iconv -t UTF-8") from None
+    return texts
+
+
+class StreamReader:
+    """ORT CalibrationDataReader over one token stream: `samples` consecutive chunks of `chunk` tokens,
+    each with the state the fp32 artifact carries into it (computed lazily, one chunk ahead)."""
+
+    def __init__(self, backend, ids: np.ndarray, samples: int, chunk: int, progress=None) -> None:
+        self.backend, self.ids, self.samples, self.chunk, self.progress = backend, ids, samples, chunk, progress
+        m = backend.manifest
+        self.names = [t.name for t in m.inputs]
+        self.rewind()
+
+    def rewind(self) -> None:
+        self.i = 0
+        self.state = self.backend.manifest.empty_state(1)
+
+    def get_next(self) -> Optional[dict]:
+        if self.i >= self.samples:
+            return None
+        p = self.i * self.chunk
+        piece = self.ids[None, p:p + self.chunk]
+        start = np.array([p], dtype=np.int64)
+        feed = dict(zip(self.names, [piece, start, *self.state]))
+        _, self.state = self.backend.run(piece, start, self.state)
+        self.i += 1
+        if self.progress is not None:
+            self.progress.update(1)
+        return feed
+
+    def __len__(self) -> int:
+        return self.samples
+
+
+def _calibrater(q, method: str, percentile: float):
+    """ORT's calibrater for `method`, with sessions that know the samba.* ops."""
+    from samba_edge.plugins.ort_ops import plugin_session
+
+    base = {"max": q.calibrate.MinMaxCalibrater, "entropy": q.calibrate.EntropyCalibrater,
+            "percentile": q.calibrate.PercentileCalibrater}[method]
+
+    class _PluginCalibrater(base):
+        def create_inference_session(self):
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            so.log_severity_level = 3
+            self.infer_session = plugin_session(self.augmented_model_path, so, self.execution_providers)
+
+    kw = {"symmetric": True}
+    if method == "percentile":
+        kw["percentile"] = percentile
+    if method == "entropy":         # ORT's default of 128 bins leaves KL one candidate (the full range)
+        kw.update(num_bins=2048, num_quantized_bins=128)             # TensorRT's choice
+    return _PluginCalibrater, kw
+
+
+# ---- the command ----------------------------------------------------------------------------
+def calibrate(export_dir: str | Path, out: str | Path, texts: Sequence[str] = (), token_ids: Optional[str] = None,
+              samples: int = 64, chunk: int = 128, method: str = "max", percentile: float = 99.99,
+              include_head: bool = False, exclude: Sequence[str] = (), force: bool = False,
+              progress: bool = True) -> dict:
+    """Public entry of `samba-edge calibrate`; returns the quantisation record written to the manifest.
+
+    exclude: glob patterns over GEMM labels (e.g. "*.x_proj", "h.0.*") kept in fp32."""
+    import inspect
+
+    import onnx
+
+    from samba_edge.export.checkpoint import atomic_dir, check_output
+    from samba_edge.runtime.backends import OrtBackend
+    from samba_edge.tools.evaluate import check_token_ids, load_token_ids
+
+    q = _ort_quant()
+    if "calibration_cache_path" not in inspect.signature(q.quantize_static).parameters:
+        raise SambaEdgeError("calibrate needs onnxruntime >= 1.31 (quantize_static with calibration_cache_path): "
+                             "pip install -U onnxruntime")
+    if method not in METHODS:
+        raise SambaEdgeError(f"unknown calibration method {method!r}; use one of: {', '.join(METHODS)}")
+    if (not texts) == (token_ids is None):
+        raise SambaEdgeError("give calibration data: --text FILE (repeatable) or --token-ids F.npy (not both)")
+    if samples < 1 or chunk < 1:
+        raise SambaEdgeError(f"--samples and --chunk must be >= 1 (got {samples}, {chunk})")
+    if not 50.0 < percentile < 100.0:
+        raise SambaEdgeError(f"--percentile must lie in (50, 100), got {percentile}")
+    src = Path(export_dir)
+    manifest = Manifest.load(src)
+    if manifest.dtype != "float32":
+        what = "already quantised" if manifest.dtype == "int8" else f"a {manifest.dtype} export"
+        raise SambaEdgeError(f"{src} is {what}; calibrate an fp32 export (samba-edge export ... --dtype fp32)")
+    if chunk > manifest.max_chunk:
+        raise SambaEdgeError(f"--chunk {chunk} exceeds the artifact's max chunk {manifest.max_chunk}")
+    proto = onnx.load(str(src / manifest.onnx_file))
+    if any(n.op_type in QDQ_OPS for n in proto.graph.node):
+        raise SambaEdgeError(f"{src} already contains Q/DQ nodes (already quantised); calibrate the fp32 export")
+    out = Path(out)
+    check_output(out, force)
+
+    backend = OrtBackend(src)
+    if token_ids is not None:
+        ids = load_token_ids(token_ids, manifest.vocab_size)
+        data_desc = {"token_ids": Path(token_ids).name}
+    else:
+        from samba_edge.runtime.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(src)
+        start = tok.bos_id if tok.bos_id is not None else tok.eos_id
+        bodies = read_texts(texts)
+        ids = np.asarray([i for t in bodies for i in ([start] if start is not None else []) + tok.encode(t)],
+                         dtype=np.int64)
+        ids = check_token_ids(ids, manifest.vocab_size, "calibration text") if ids.size >= 2 else ids
+        data_desc = {"texts": [Path(t).name for t in texts],
+                     "sha256": hashlib.sha256("".join(bodies).encode()).hexdigest()}
+    need = samples * chunk
+    if ids.size < need:
+        have = ids.size // chunk
+        raise SambaEdgeError(f"calibration data has {ids.size} tokens, {need} needed for {samples} samples of "
+                             f"{chunk}; give more text, or --samples {max(have, 1)} / a smaller --chunk")
+
+    labels = gemm_labels(proto, manifest.model)
+    chosen = {n: lab for n, lab in labels.items()
+              if (include_head or lab != "lm_head") and not any(fnmatch.fnmatch(lab, pat) for pat in exclude)}
+    if not chosen:
+        raise SambaEdgeError("every GEMM is excluded; nothing to quantise (check --exclude)")
+    if include_head:
+        _untie_head(proto, next(n for n, lab in labels.items() if lab == "lm_head"))
+
+    bar = _progress(samples, f"calibrating ({method})") if progress else None
+    with tempfile.TemporaryDirectory(prefix="samba-edge-calib-") as tmp:
+        tmp = Path(tmp)
+        model_in = tmp / "model_fp32.onnx"
+        onnx.save_model(proto, str(model_in), save_as_external_data=True, location="model_fp32.onnx.data")
+        cls, kw = _calibrater(q, method, percentile)
+        calib = cls(model_in, ["MatMul"], str(tmp / "augmented.onnx"), use_external_data_format=True, **kw)
+        calib.augment_graph()
+        calib.create_inference_session()
+        calib.collect_data(StreamReader(backend, ids, samples, chunk, bar))
+        ranges = calib.compute_data()
+        if bar is not None:
+            bar.close()
+        del calib
+        q.calibrate.save_tensors_data(ranges, tmp / "ranges.json")
+        level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)           # ORT's "consider pre-processing" advice
+        try:
+            q.quantize_static(
+                str(model_in), str(tmp / "model.onnx"), calibration_data_reader=None,
+                calibration_cache_path=str(tmp / "ranges.json"), calibrate_method=_method_enum(q, method),
+                quant_format=q.QuantFormat.QDQ, activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
+                per_channel=True, op_types_to_quantize=["MatMul"], nodes_to_quantize=sorted(chosen),
+                use_external_data_format=False,
+                # GEMM inputs only: an int8 round trip on the outputs would quantise delta, B, C and the
+                # residual updates too (and TensorRT's int8 GEMMs emit float anyway)
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                               "OpTypesToExcludeOutputQuantization": ["MatMul"]})
+        finally:
+            logging.getLogger().setLevel(level)
+        qproto = onnx.load(str(tmp / "model.onnx"))
+    n_q = sum(1 for n in qproto.graph.node if n.op_type == "QuantizeLinear")
+    record = {"method": method, "percentile": percentile if method == "percentile" else None,
+              "samples": samples, "chunk": chunk, "tokens": need, "data": data_desc,
+              "scheme": "int8 symmetric, zero point 0; weights per output channel; activations per tensor",
+              "quantized": sorted(chosen.values()), "kept_fp32": sorted(set(labels.values()) - set(chosen.values())),
+              "library": f"onnxruntime.quantization {_version('onnxruntime')}", "source_artifact": str(src.resolve())}
+    manifest.dtype = "int8"
+    manifest.quantization = record
+    onnx.helper.set_model_props(qproto, {**{p.key: p.value for p in qproto.metadata_props},
+                                         "samba_edge.dtype": "int8"})
+    with atomic_dir(out, force) as tmp_out:
+        onnx.save_model(qproto, str(tmp_out / manifest.onnx_file))
+        if n_q == 0:
+            raise SambaEdgeError("the quantiser inserted no Q/DQ pairs; is this a samba-edge export?")
+        for f in src.iterdir():                      # tokenizer, kernels, ... (not the graph or its data)
+            if f.name in (manifest.onnx_file, f"{manifest.onnx_file}.data", "manifest.json"):
+                continue
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp_out / f.name)
+        (tmp_out / "manifest.json").write_text(manifest.to_json())
+    return record
+
+
+def _method_enum(q, method: str):
+    return {"max": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
+            "percentile": q.CalibrationMethod.Percentile}[method]
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import version
+
+    return version(pkg)
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="chunk", leave=False)
