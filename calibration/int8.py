@@ -34,6 +34,7 @@ from samba_edge.runtime.errors import SambaEdgeError
 from samba_edge.runtime.manifest import Manifest
 
 METHODS = ("max", "entropy", "percentile")
+DEFAULT_CHUNK = 128
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
@@ -165,7 +166,7 @@ def _calibrater(q, method: str, percentile: float):
 
 # ---- the command ----------------------------------------------------------------------------
 def calibrate(export_dir: str | Path, out: str | Path, texts: Sequence[str] = (), token_ids: Optional[str] = None,
-              samples: int = 64, chunk: int = 128, method: str = "max", percentile: float = 99.99,
+              samples: int = 64, chunk: Optional[int] = None, method: str = "percentile", percentile: float = 99.99,
               include_head: bool = False, exclude: Sequence[str] = (), force: bool = False,
               progress: bool = True) -> dict:
     """Public entry of `samba-edge calibrate`; returns the quantisation record written to the manifest.
@@ -187,7 +188,7 @@ def calibrate(export_dir: str | Path, out: str | Path, texts: Sequence[str] = ()
         raise SambaEdgeError(f"unknown calibration method {method!r}; use one of: {', '.join(METHODS)}")
     if (not texts) == (token_ids is None):
         raise SambaEdgeError("give calibration data: --text FILE (repeatable) or --token-ids F.npy (not both)")
-    if samples < 1 or chunk < 1:
+    if samples < 1 or (chunk is not None and chunk < 1):
         raise SambaEdgeError(f"--samples and --chunk must be >= 1 (got {samples}, {chunk})")
     if not 50.0 < percentile < 100.0:
         raise SambaEdgeError(f"--percentile must lie in (50, 100), got {percentile}")
@@ -196,6 +197,7 @@ def calibrate(export_dir: str | Path, out: str | Path, texts: Sequence[str] = ()
     if manifest.dtype != "float32":
         what = "already quantised" if manifest.dtype == "int8" else f"a {manifest.dtype} export"
         raise SambaEdgeError(f"{src} is {what}; calibrate an fp32 export (samba-edge export ... --dtype fp32)")
+    chunk = chunk or min(DEFAULT_CHUNK, manifest.max_chunk)
     if chunk > manifest.max_chunk:
         raise SambaEdgeError(f"--chunk {chunk} exceeds the artifact's max chunk {manifest.max_chunk}")
     proto = onnx.load(str(src / manifest.onnx_file))

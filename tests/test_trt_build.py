@@ -272,3 +272,42 @@ def test_rtx_soname_fix_in_cache_dir():
 
     links = list(cache_dir().glob("trt-rtx-*/libtensorrt_rtx.so"))
     assert links and all(os.path.realpath(x).endswith("libtensorrt_rtx.so.1") for x in links)
+
+
+def test_fp16_and_int8_artifacts_build(tmp_path):
+    """Strongly typed: TensorRT keeps the graph's types, so the parsed network must show fp16 GEMMs with
+    fp32 norm statistics and scan (fp16), and int8 Q/DQ pairs around the GEMMs (int8)."""
+    from samba_edge.calibration.int8 import calibrate
+    from samba_edge.export.onnx_export import export_onnx
+
+    calls: list = []
+    orig = tp.SlidingWindowAttentionPlugin.supports_format_combination
+
+    def record(self, pos, in_out, n_in):
+        res = orig(self, pos, in_out, n_in)
+        if res:
+            calls.append((pos, in_out[pos].desc.type))
+        return res
+
+    f16 = export_onnx(CK, tmp_path / "fp16", dtype="fp16", max_chunk=MAX_CHUNK)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tp.SlidingWindowAttentionPlugin, "supports_format_combination", record)
+        net = _meta(build_engine(f16, tmp_path / "e16", max_batch=2, max_chunk=MAX_CHUNK, progress=False))["network"]
+    _check_io(_meta(tmp_path / "e16"), Manifest.load(f16))
+    out = net["output_dtypes"]
+    assert out["MATRIX_MULTIPLY"].get("HALF", 0) >= 20                  # all GEMMs but dt_proj's two
+    assert set(out["REDUCE"]) == {"FLOAT"} and out["PLUGIN_V3"] == {"FLOAT": 2, "HALF": 2}
+    assert (0, trt.DataType.HALF) in calls and (3, trt.DataType.FLOAT) in calls   # fp16 q, fp32 window
+
+    text = tmp_path / "calib.txt"
+    text.write_text(open(__file__).read() * 3)
+    f32 = export_onnx(CK, tmp_path / "fp32", max_chunk=MAX_CHUNK)
+    calibrate(f32, tmp_path / "int8", [str(text)], samples=4, chunk=MAX_CHUNK, progress=False)
+    import onnx
+
+    n_q = sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / "int8" / "model.onnx")).graph.node)
+    meta = _meta(build_engine(tmp_path / "int8", tmp_path / "e8", max_batch=2, max_chunk=MAX_CHUNK, progress=False))
+    _check_profiles(meta, Manifest.load(tmp_path / "int8"), 2)
+    assert meta["artifact"]["dtype"] == "int8"
+    assert meta["network"]["output_dtypes"]["QUANTIZE"] == {"INT8": n_q} and n_q >= 20
+    assert meta["network"]["layers"]["DEQUANTIZE"] == n_q + 24          # activations + the 24 weights

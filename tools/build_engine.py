@@ -246,6 +246,7 @@ def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[in
         "profiles": profiles,
         "inputs": [io(network.get_input(i)) for i in range(network.num_inputs)],
         "outputs": [io(network.get_output(i)) for i in range(network.num_outputs)],
+        "network": network_summary(network),
         "build_seconds": {"parse": round(t_parse, 2), "build": round(t_build, 2)},
     }
     with atomic_dir(out, force) as tmp:
@@ -258,6 +259,21 @@ def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[in
         tmp_tc.write_bytes(bytes(config.get_timing_cache().serialize()))
         os.replace(tmp_tc, tc)
     return out
+
+
+def network_summary(network) -> dict:
+    """What TensorRT parsed (the engine itself cannot be inspected without a GPU): layer counts by
+    type, and how many layers of each type produce each dtype - e.g. fp16 GEMMs, int8 Q/DQ pairs."""
+    layers: dict[str, int] = {}
+    outputs: dict[str, dict[str, int]] = {}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        kind = layer.type.name
+        layers[kind] = layers.get(kind, 0) + 1
+        dt = layer.get_output(0).dtype.name if layer.num_outputs else "NONE"
+        by_dtype = outputs.setdefault(kind, {})
+        by_dtype[dt] = by_dtype.get(dt, 0) + 1
+    return {"layers": dict(sorted(layers.items())), "output_dtypes": dict(sorted(outputs.items()))}
 
 
 def _np_dtype(trt, dt) -> str:
