@@ -19,8 +19,10 @@ quantiser itself is stock `quantize_static`.
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
+import io
 import json
 import logging
 import shutil
@@ -244,8 +246,9 @@ def calibrate(export_dir: str | Path, out: str | Path, texts: Sequence[str] = ()
         calib = cls(model_in, ["MatMul"], str(tmp / "augmented.onnx"), use_external_data_format=True, **kw)
         calib.augment_graph()
         calib.create_inference_session()
-        calib.collect_data(StreamReader(backend, ids, samples, chunk, bar))
-        ranges = calib.compute_data()
+        with contextlib.redirect_stdout(io.StringIO()):          # ORT prints its histogram steps
+            calib.collect_data(StreamReader(backend, ids, samples, chunk, bar))
+            ranges = calib.compute_data()
         if bar is not None:
             bar.close()
         del calib
