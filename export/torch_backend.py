@@ -8,9 +8,10 @@ import numpy as np
 import torch
 
 from samba_edge.export.onnx_export import build_manifest
+from samba_edge.runtime.backends import HostState
 
 
-class TorchBackend:
+class TorchBackend(HostState):
     name = "torch"
 
     def __init__(self, model, directory: Optional[Path] = None, fingerprint: str = "", last_only: bool = False) -> None:

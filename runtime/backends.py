@@ -1,8 +1,11 @@
 """Backends: one small interface over every way of running the step graph (as Polygraphy's runners).
 
     backend.manifest                       the artifact's table (inputs, outputs, state)
-    backend.run(input_ids, start_pos, state) -> (logits, next_state)      all numpy
-`state` is a list in manifest order. Backends keep no stream state: streams own it.
+    backend.run(input_ids, start_pos, state) -> (logits, next_state)      logits numpy
+Backends keep no stream state: streams own it. What a state IS belongs to the backend: a list of
+numpy arrays in manifest order here (`HostState`), device buffers for TensorRT (runtime/trt_backend.py).
+Streams only touch it through new_state / stack_states / split_state / state_to_host / state_from_host,
+so a device-resident state never makes a host round trip except for snapshots.
 """
 from __future__ import annotations
 
@@ -15,7 +18,26 @@ from samba_edge.runtime.errors import SambaEdgeError
 from samba_edge.runtime.manifest import Manifest
 
 
-class OrtBackend:
+class HostState:
+    """The state protocol for backends whose state is a list of numpy arrays (batch on axis 0)."""
+
+    def new_state(self, batch: int) -> list[np.ndarray]:
+        return self.manifest.empty_state(batch)
+
+    def stack_states(self, states: Sequence[list]) -> list[np.ndarray]:
+        return [np.concatenate(parts) for parts in zip(*states)]
+
+    def split_state(self, state: list, batch: int) -> list[list[np.ndarray]]:
+        return [[x[i:i + 1] for x in state] for i in range(batch)]
+
+    def state_to_host(self, state: list) -> list[np.ndarray]:
+        return list(state)
+
+    def state_from_host(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return [np.ascontiguousarray(x) for x in arrays]
+
+
+class OrtBackend(HostState):
     """ONNX Runtime on an exported artifact; the plugin flavour runs the numpy op references."""
 
     name = "ort"

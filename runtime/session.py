@@ -25,7 +25,7 @@ from samba_edge.runtime.errors import SambaEdgeError
 from samba_edge.runtime.sampling import SamplingParams, choose
 from samba_edge.runtime.snapshot import load_snapshot, save_snapshot
 
-BACKENDS = ("auto", "ort", "torch")
+BACKENDS = ("auto", "ort", "torch", "trt")
 
 
 def cache_dir() -> Path:
@@ -60,18 +60,27 @@ def open_model(path: str, backend: str = "auto", threads: Optional[int] = None,
                tokenizer: Optional[str] = None, config: Optional[str] = None) -> "Model":
     """Load an artifact or a checkpoint with a backend. `--backend ort` on a checkpoint exports it first."""
     path = str(path)
-    is_artifact = not path.startswith("builtin:") and (Path(path) / "manifest.json").is_file()
+    is_engine = not path.startswith("builtin:") and (Path(path) / "engine.json").is_file()
+    is_artifact = not is_engine and not path.startswith("builtin:") and (Path(path) / "manifest.json").is_file()
     if backend not in BACKENDS:
         raise SambaEdgeError(f"unknown backend {backend!r}; use one of: {', '.join(BACKENDS)}")
     if backend == "auto":
-        backend = "ort" if is_artifact else "torch"
+        backend = "trt" if is_engine else "ort" if is_artifact else "torch"
+    if (backend == "trt") != is_engine:
+        raise SambaEdgeError(f"{path} is an engine directory: run it with --backend trt (or auto)" if is_engine else
+                             f"--backend trt runs an engine directory; build one with "
+                             f"`samba-edge build {path} -o ENGINE_DIR` (on the GPU that will run it)")
     if not is_artifact and not path.startswith("builtin:"):
         if not Path(path).exists():
             raise SambaEdgeError(f"{path} not found; pass an export directory, a checkpoint or builtin:NAME")
         if (Path(path) / "model.onnx").is_file():
             raise SambaEdgeError(f"{path} has a model.onnx but no manifest.json, so it is not a samba-edge artifact; "
                                  "re-export it with `samba-edge export`")
-    if backend == "ort":
+    if backend == "trt":
+        from samba_edge.runtime.trt_backend import TrtBackend
+
+        be = TrtBackend(path)
+    elif backend == "ort":
         from samba_edge.runtime.backends import OrtBackend
 
         be = OrtBackend(path if is_artifact else cached_export(path, config=config), threads)
@@ -96,7 +105,8 @@ class Model:
         self.backend, self.tokenizer, self.manifest = backend, tokenizer, backend.manifest
         self.vocab_size = self.manifest.vocab_size
         self.max_chunk = self.manifest.max_chunk
-        self._lock = threading.Lock() if backend.name == "torch" else None   # ORT sessions run concurrently
+        # ORT sessions run concurrently; a torch module and a TensorRT execution context do not
+        self._lock = threading.Lock() if backend.name in ("torch", "trt") else None
 
     def run(self, ids: np.ndarray, start_pos: np.ndarray, state: list[np.ndarray]):
         if self._lock is None:
@@ -124,11 +134,11 @@ class Model:
         try:
             ids = np.stack([streams[i]._check(t) for i, t in enumerate(tokens)])
             pos = np.array([s.position for s in streams], dtype=np.int64)
-            state = [np.concatenate(parts) for parts in zip(*[s.state for s in streams])]
-            logits, new = self.run(ids, pos, state)
+            be = self.backend
+            logits, new = self.run(ids, pos, be.stack_states([s.state for s in streams]))
             out = []
-            for i, s in enumerate(streams):
-                s.state = [x[i:i + 1] for x in new]
+            for i, (s, st) in enumerate(zip(streams, be.split_state(new, len(streams)))):
+                s.state = st
                 s._advance(tokens[i], logits[i, -1])
                 out.append(s.last_logits)
             return out
@@ -147,7 +157,7 @@ class Stream:
 
     def __init__(self, model: Model, seed: int = 0) -> None:
         self.model = model
-        self.state = model.manifest.empty_state(1)
+        self.state = model.backend.new_state(1)        # numpy, or device buffers (TensorRT)
         self.position = 0
         self.last_logits: Optional[np.ndarray] = None
         self.rng = np.random.default_rng(seed)
@@ -232,12 +242,13 @@ class Stream:
         with self._lock:
             extra = {"rng": self.rng.bit_generator.state, "recent": list(self.recent)}
             arrays = {} if self.last_logits is None else {"last_logits": self.last_logits}
-            return save_snapshot(path, self.model.manifest, self.state, self.position, extra, arrays)
+            return save_snapshot(path, self.model.manifest, self.model.backend.state_to_host(self.state),
+                                 self.position, extra, arrays)
 
     def load(self, path: str | Path) -> None:
         with self._lock:
             state, position, extra, arrays = load_snapshot(path, self.model.manifest)
-            self.state, self.position = [np.ascontiguousarray(x) for x in state], position
+            self.state, self.position = self.model.backend.state_from_host(state), position
             self.rng = np.random.default_rng()
             self.rng.bit_generator.state = extra["rng"]
             self.recent = collections.deque(extra.get("recent", []), maxlen=4096)

@@ -230,3 +230,66 @@ def test_chat_keeps_one_stream_across_turns(artifact, tmp_path):
     m = open_model(str(artifact))
     s = m.restore(tmp_path / "chat.safetensors")
     assert s.position > len(m.encode("import os\ndef f():\n"))             # both turns and both replies
+
+
+class _Opaque:
+    """A state the session cannot index or concatenate (as TensorRT's device buffers)."""
+
+    def __init__(self, arrays):
+        self._arrays = arrays
+
+
+class OpaqueStateBackend:
+    """ONNX Runtime behind the state protocol with an opaque state: proves that streams, batched steps
+    and snapshots go through new_state/stack_states/split_state/state_to_host/state_from_host only,
+    the seam the TensorRT backend's device-resident state plugs into."""
+
+    name = "opaque"
+
+    def __init__(self, inner) -> None:
+        self.inner, self.manifest, self.directory = inner, inner.manifest, inner.directory
+        self.calls = {"stack": 0, "split": 0, "to_host": 0, "from_host": 0}
+
+    def new_state(self, batch):
+        return _Opaque(self.inner.new_state(batch))
+
+    def stack_states(self, states):
+        self.calls["stack"] += 1
+        return _Opaque(self.inner.stack_states([s._arrays for s in states]))
+
+    def split_state(self, state, batch):
+        self.calls["split"] += 1
+        return [_Opaque(x) for x in self.inner.split_state(state._arrays, batch)]
+
+    def state_to_host(self, state):
+        self.calls["to_host"] += 1
+        return list(state._arrays)
+
+    def state_from_host(self, arrays):
+        self.calls["from_host"] += 1
+        return _Opaque(list(arrays))
+
+    def run(self, ids, pos, state):
+        assert isinstance(state, _Opaque)
+        logits, new = self.inner.run(ids, pos, state._arrays)
+        return logits, _Opaque(new)
+
+
+def test_streams_use_only_the_state_protocol(ort_model, tmp_path):
+    from samba_edge.runtime.session import Model
+
+    be = OpaqueStateBackend(ort_model.backend)
+    m = Model(be, ort_model.tokenizer)
+    greedy = SamplingParams(max_new_tokens=10)
+    a, ref = m.new_stream(), ort_model.new_stream()
+    a.feed_text(PROMPT)
+    ref.feed_text(PROMPT)
+    assert list(a.generate_ids(greedy)) == list(ref.generate_ids(greedy))
+    a.snapshot(tmp_path / "s.safetensors")
+    b = m.restore(tmp_path / "s.safetensors")
+    c = ort_model.restore(tmp_path / "s.safetensors")           # opaque -> plain numpy backend
+    m.step([a, b], [[5], [5]])
+    c.feed([5])
+    np.testing.assert_allclose(b.last_logits, c.last_logits, atol=1e-5)
+    np.testing.assert_allclose(a.last_logits, c.last_logits, atol=1e-5)
+    assert be.calls == {"stack": 1, "split": 1, "to_host": 1, "from_host": 1}

@@ -311,3 +311,95 @@ def test_fp16_and_int8_artifacts_build(tmp_path):
     assert meta["artifact"]["dtype"] == "int8"
     assert meta["network"]["output_dtypes"]["QUANTIZE"] == {"INT8": n_q} and n_q >= 20
     assert meta["network"]["layers"]["DEQUANTIZE"] == n_q + 24          # activations + the 24 weights
+
+
+# ---- the engine directory and the trt backend's checks (everything before CUDA) ---------------
+def test_engine_dir_is_self_contained_and_checked(plugin_build, tmp_path):
+    import shutil
+
+    from samba_edge.runtime.trt_backend import check_engine_dir
+
+    out, _ = plugin_build
+    meta, man = check_engine_dir(out)
+    assert man.fingerprint == meta["artifact"]["fingerprint"]
+    assert (out / man.tokenizer).is_file() and (out / "engine.plan").is_file()
+    if man.kernels:
+        assert (out / man.kernels).is_file()                 # the plugins' AOT kernels travel with the engine
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["outputs"][1]["dtype"] = "float16"                      # a manifest that does not match the engine
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(SambaEdgeError, match="do not match its manifest"):
+        check_engine_dir(bad)
+    m["fingerprint"] = "0" * 64
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(SambaEdgeError, match="weights"):
+        check_engine_dir(bad)
+    (out.parent / "noplan").mkdir()
+    shutil.copy2(out / "engine.json", out.parent / "noplan")
+    shutil.copy2(out / "manifest.json", out.parent / "noplan")
+    with pytest.raises(SambaEdgeError, match="lacks engine.plan"):
+        check_engine_dir(out.parent / "noplan")
+
+
+def test_trt_backend_refuses_other_tensorrt_gpu_or_none(plugin_build):
+    from samba_edge.plugins.trt_import import TrtInfo
+    from samba_edge.runtime.trt_backend import check_runtime_matches
+
+    meta = json.loads((plugin_build[0] / "engine.json").read_text())
+    gpu = [{"name": "NVIDIA Jetson AGX Orin", "sm": "sm_87"}]
+    check_runtime_matches(meta, TRT_INFO, gpu)                                   # same TensorRT: fine
+    with pytest.raises(SambaEdgeError, match="tied to one TensorRT version"):
+        check_runtime_matches(meta, TrtInfo(TRT_INFO.flavor, "0.0.1", TRT_INFO.module), gpu)
+    with pytest.raises(SambaEdgeError, match="no CUDA GPU"):
+        check_runtime_matches(meta, TRT_INFO, [])
+    real = {**meta, "tensorrt": {"flavor": "tensorrt", "version": "10.3.0"}, "gpu": {"name": "H200", "sm": "sm_90"}}
+    with pytest.raises(SambaEdgeError, match="build the engine on the device"):
+        check_runtime_matches(real, TrtInfo("tensorrt", "10.3.0", "tensorrt"), gpu)
+
+
+def test_open_engine_without_gpu_is_a_clean_error(plugin_build, exports, capsys):
+    from samba_edge.runtime import open_model
+    from samba_edge.tools.cli import main
+    from samba_edge.tools.doctor import check_cuda
+
+    if check_cuda()[1].get("gpus"):
+        pytest.skip("a GPU is present: test_trt_backend_on_gpu covers it")
+    with pytest.raises(SambaEdgeError, match="no CUDA GPU"):
+        open_model(str(plugin_build[0]))                                         # auto -> trt
+    with pytest.raises(SambaEdgeError, match="samba-edge build"):
+        open_model(str(exports["plugin"]), "trt")
+    with pytest.raises(SambaEdgeError, match="engine directory"):
+        open_model(str(plugin_build[0]), "ort")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(plugin_build[0]), "-p", "def f():", "-n", "2"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().count("\n") == 0
+
+
+@pytest.mark.gpu
+def test_trt_backend_on_gpu(exports, tmp_path):
+    """Where a GPU and TensorRT meet: the engine matches ONNX Runtime in prefill and in graph-replayed
+    decode, batched streams work, and snapshots cross backends both ways."""
+    from samba_edge.runtime import SamplingParams, open_model
+    from samba_edge.tools.doctor import check_cuda
+
+    if not check_cuda()[1].get("gpus"):
+        pytest.skip("no CUDA GPU")
+    eng = build_engine(exports["plugin"], tmp_path / "eng", max_batch=2, max_chunk=MAX_CHUNK, progress=False)
+    trt_m, ort_m = open_model(str(eng)), open_model(str(exports["plugin"]))
+    assert trt_m.backend.name == "trt"
+    prompt = list(range(5, 5 + 2 * MAX_CHUNK + 3))
+    a, b = trt_m.new_stream(), ort_m.new_stream()
+    np.testing.assert_allclose(a.feed(prompt), b.feed(prompt), atol=1e-3, rtol=1e-3)
+    for t in (7, 9, 11):                                       # decode: CUDA graphs, ping-pong state
+        np.testing.assert_allclose(a.feed([t]), b.feed([t]), atol=1e-3, rtol=1e-3)
+    ga = list(a.generate_ids(SamplingParams(max_new_tokens=20)))
+    a.snapshot(tmp_path / "s.safetensors")
+    gb = list(b.generate_ids(SamplingParams(max_new_tokens=20)))
+    assert ga == gb
+    c = ort_m.restore(tmp_path / "s.safetensors")              # trt -> ort
+    d = trt_m.restore(tmp_path / "s.safetensors")              # and back
+    np.testing.assert_allclose(c.feed([3]), d.feed([3]), atol=1e-3, rtol=1e-3)
+    out = trt_m.step([a, d], [[4], [4]])                       # batched decode across two streams
+    assert len(out) == 2 and all(np.isfinite(o).all() for o in out)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -237,6 +238,7 @@ def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[in
         "engine_file": ENGINE_FILE,
         "tensorrt": {"flavor": info.flavor, "version": info.version},
         "target": target,
+        "gpu": _build_gpu(info),
         "artifact": {"path": str(export_dir.resolve()), "fingerprint": manifest.fingerprint,
                      "flavor": manifest.flavor, "dtype": manifest.dtype, "max_chunk": manifest.max_chunk},
         "plugins": [{"name": c["name"], "namespace": c["domain"], "version": c["plugin_version"]}
@@ -252,6 +254,12 @@ def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[in
     with atomic_dir(out, force) as tmp:
         (tmp / ENGINE_FILE).write_bytes(bytes(plan))
         (tmp / ENGINE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+        # self-contained: the runtime needs the manifest, the tokenizer and (plugin flavour) the kernels
+        shutil.copy2(export_dir / "manifest.json", tmp / "manifest.json")
+        for name in [manifest.tokenizer, "kernels"]:
+            src = export_dir / name if name else None
+            if src is not None and src.exists():
+                (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp / name)
     if cache is not None and timing_cache:
         tc = Path(timing_cache)
         tc.parent.mkdir(parents=True, exist_ok=True)
@@ -259,6 +267,17 @@ def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[in
         tmp_tc.write_bytes(bytes(config.get_timing_cache().serialize()))
         os.replace(tmp_tc, tc)
     return out
+
+
+def _build_gpu(info) -> Optional[dict]:
+    """The GPU a TensorRT engine is built for (its tactics are timed there): the first visible one.
+    TensorRT-RTX engines are compiled for the GPU at load time, so none is recorded for them."""
+    if info.flavor != "tensorrt":
+        return None
+    from samba_edge.tools.doctor import check_cuda
+
+    gpus = check_cuda()[1].get("gpus") or []
+    return {"name": gpus[0]["name"], "sm": gpus[0]["sm"]} if gpus else None
 
 
 def network_summary(network) -> dict:

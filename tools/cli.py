@@ -61,7 +61,7 @@ def convert(checkpoint: str, out: str, config: Optional[str], tokenizer: Optiona
 @click.option("--chunk", type=int, help="feed tokens in chunks of N, carrying state "
               "(default: all at once; an artifact's max chunk)")
 @click.option("--backend", default="auto", show_default=True,
-              help="torch (checkpoint) | ort (exported artifact) | auto")
+              help="torch (checkpoint) | ort (exported artifact) | trt (engine directory) | auto")
 @click.option("--agree-with", help="checkpoint or artifact (e.g. the fp32 export) to measure top-1 agreement with")
 @click.option("--max-tokens", type=int, help="score only the first N tokens")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object: tokens, nll, ppl[, bits_per_byte]")
@@ -121,7 +121,7 @@ def sampling_options(f):
         click.option("--stop", multiple=True, help="stop string (repeatable; not printed)"),
         click.option("--stop-id", multiple=True, type=int, help="stop token id (repeatable)"),
         click.option("--backend", default="auto", show_default=True,
-                     help="auto | ort (a checkpoint is exported to a cache first) | torch"),
+                     help="auto | ort (a checkpoint is exported to a cache first) | torch | trt (engine directory)"),
         click.option("--state-in", help="continue from this snapshot"),
         click.option("--state-out", help="write the stream's snapshot here at the end (atomically)"),
     ]):
@@ -173,7 +173,8 @@ def _int_list(text: str, what: str) -> list[int]:
 @click.argument("artifact")
 @click.option("--reference", default="torch", show_default=True,
               help="torch (the checkpoint the artifact was exported from) or a CHECKPOINT")
-@click.option("--backends", default="ort", show_default=True, help="comma-separated: ort, trt")
+@click.option("--backends", default="ort", show_default=True, help="comma-separated: ort, trt (needs --engine)")
+@click.option("--engine", help="engine directory built from ARTIFACT (samba-edge build), for --backends trt")
 @click.option("--steps", default=12, show_default=True)
 @click.option("--chunks", default="1,7,64", show_default=True, help="chunk sizes, cycled over the steps")
 @click.option("--batch", default=2, show_default=True)
@@ -186,7 +187,7 @@ def _int_list(text: str, what: str) -> list[int]:
 @click.option("--polygraphy-dir", help="write inputs/reference outputs/data loader for `polygraphy run`")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--allow-mismatch", is_flag=True, help="compare even if the reference has other weights")
-def validate(artifact, reference, backends, steps, chunks, batch, atol, rtol, error_stat, bisect, save,
+def validate(artifact, reference, backends, engine, steps, chunks, batch, atol, rtol, error_stat, bisect, save,
              polygraphy_dir, seed, allow_mismatch) -> None:
     """Step-by-step parity (logits + every state) against the PyTorch reference; exit 1 on divergence."""
     from samba_edge.tools.validate import render_text, validate as run
@@ -198,7 +199,7 @@ def validate(artifact, reference, backends, steps, chunks, batch, atol, rtol, er
         except ValueError:
             raise SambaEdgeError(f"{name} must be a number, got {v!r}") from None
     report = run(artifact, reference, [b for b in backends.split(",") if b], steps, _int_list(chunks, "--chunks"),
-                 batch, tol[0], tol[1], bisect, save, seed, allow_mismatch, polygraphy_dir, error_stat)
+                 batch, tol[0], tol[1], bisect, save, seed, allow_mismatch, polygraphy_dir, error_stat, engine)
     click.echo(render_text(report))
     if not report["passed"]:
         sys.exit(1)

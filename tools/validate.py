@@ -57,20 +57,21 @@ def instrument(proto, n_layer: int):
     return proto
 
 
-def _torch_runner(backend, bisect: bool):
+def _backend_runner(backend, name: str, bisect: bool = False):
+    """A Polygraphy runner over one of our backends: the PyTorch model on CPU (Polygraphy's PytRunner
+    moves models to CUDA) or a TensorRT engine (our backend selects the profile per phase and
+    registers the plugins, which Polygraphy's TrtRunner would not)."""
     from polygraphy.backend.base import BaseRunner
     from polygraphy.common import TensorMetadata
 
-    class TorchRunner(BaseRunner):
-        """The PyTorch model on CPU (Polygraphy's PytRunner moves models to CUDA)."""
-
+    class BackendRunner(BaseRunner):
         def __init__(self) -> None:
-            super().__init__(name="torch")
+            super().__init__(name=name)
             self.blocks: dict[int, np.ndarray] = {}
 
         def activate_impl(self) -> None:
             self.hooks = []
-            if bisect:
+            if bisect:                                    # torch: each block's output, by forward hooks
                 for i, blk in enumerate(backend.model.transformer.h):
                     self.hooks.append(blk.register_forward_hook(
                         lambda mod, args, out, i=i: self.blocks.__setitem__(i, out[0].detach().numpy().copy())))
@@ -92,7 +93,7 @@ def _torch_runner(backend, bisect: bool):
             out.update((BLOCK_OUT.format(i), self.blocks[i]) for i in sorted(self.blocks))
             return out
 
-    return TorchRunner()
+    return BackendRunner()
 
 
 def _ort_runner(artifact: Path, manifest: Manifest, bisect: bool):
@@ -146,7 +147,7 @@ def validate(artifact: str, reference: str = "torch", backends: Sequence[str] = 
              chunks: Sequence[int] = (1, 7, 64), batch: int = 2, atol: Optional[float] = None,
              rtol: Optional[float] = None, bisect: bool = False, save: Optional[str] = None, seed: int = 0,
              allow_mismatch: bool = False, polygraphy_dir: Optional[str] = None,
-             error_stat: Optional[str] = None) -> dict:
+             error_stat: Optional[str] = None, engine: Optional[str] = None) -> dict:
     """Runs the schedule through the reference and every backend; returns the report (report["passed"])."""
     from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
     from polygraphy.comparator.struct import IterationResult
@@ -173,16 +174,21 @@ def validate(artifact: str, reference: str = "torch", backends: Sequence[str] = 
     if ref.manifest.fingerprint != man.fingerprint and not allow_mismatch:
         raise SambaEdgeError(f"reference {ref_spec} has other weights than the artifact (fingerprint differs); "
                              "pass the checkpoint it was exported from, or --allow-mismatch")
-    runners = [_torch_runner(ref, bisect)]
+    runners = [_backend_runner(ref, "torch", bisect)]
     for b in backends:
         if b == "ort":
             runners.append(_ort_runner(art, man, bisect))
         elif b == "trt":
-            try:
-                import tensorrt  # noqa: F401
-            except ImportError:
-                raise SambaEdgeError("--backends trt was requested but TensorRT is not installed") from None
-            raise SambaEdgeError("the TensorRT runner needs a built engine (samba-edge build), not available yet")
+            from samba_edge.runtime.trt_backend import TrtBackend, check_engine_dir
+
+            if engine is None:
+                raise SambaEdgeError("--backends trt needs --engine ENGINE_DIR (built from this artifact by "
+                                     "`samba-edge build`)")
+            if check_engine_dir(engine)[1].fingerprint != man.fingerprint:
+                raise SambaEdgeError(f"--engine {engine} was built from other weights than {art}")
+            if bisect:
+                raise SambaEdgeError("--bisect instruments the ONNX graph; run it with --backends ort")
+            runners.append(_backend_runner(TrtBackend(engine), "trt"))
         else:
             raise SambaEdgeError(f"unknown backend {b!r}; use ort or trt")
 
