@@ -132,6 +132,7 @@ class KernelSpec:
     grid: tuple                     # three expressions (integers, +, *, cdiv(a, b)) over `grid_vars`
     grid_vars: dict = field(default_factory=dict)   # name -> {"kind": "shape", "tensor", "axis"}
     launch_order: int = 0           # within one op
+    route: str = "python"           # python: launched by trt_launch; aot_impl: embedded by tensorrt.plugin
 
     def signature(self) -> dict:
         sig = {a.name: a.type for a in self.args}
@@ -181,6 +182,19 @@ def kernel_specs(cfg, dtype: str = "fp32") -> list[KernelSpec]:
                    {"HEAD_DIM": hs, "BLOCK_D": bd, "BLOCK_R": tw.BLOCK_R}, tw.UPDATE_NUM_WARPS, 1,
                    (f"cdiv(C, {tw.BLOCK_R})", "b * G", "1"),
                    {"b": _dim("k", 0), "G": _dim("k", 1), "C": _dim("k_window", 2)}, launch_order=1),
+        # the aot_impl route (plugins/trt_qdp.py): one kernel per op, args = inputs, int32 scalars, outputs
+        KernelSpec("selective_scan_qdp", "SelectiveScan", "triton_scan", "selective_scan_qdp_kernel",
+                   scan_args[:9] + scan_args[11:] + scan_args[9:11],
+                   {"N": N, "BLOCK_N": ts.block_n(N), "BLOCK_E": ts.BLOCK_E}, ts.NUM_WARPS, ts.NUM_STAGES,
+                   (f"cdiv(E, {ts.BLOCK_E})", "b", "1"), {"b": _dim("u", 0), "E": _dim("u", 1)}, route="aot_impl"),
+        KernelSpec("swa_qdp", "SlidingWindowAttention", "triton_swa", "swa_qdp_kernel",
+                   swa_args[:6] + swa_args[7:12] + (Arg("BG", "i32", {"kind": "product", "of": [_dim("k", 0), _dim("k", 1)]}),)
+                   + (swa_args[6],) + upd_args[4:6],
+                   {"SCALE": float(_cfg_get(cfg, "head_size")) ** -0.5, "HEAD_DIM": hs, "BLOCK_D": bd,
+                    "BLOCK_M": tw.BLOCK_M, "BLOCK_N": tw.BLOCK_N, "BLOCK_R": tw.BLOCK_R},
+                   tw.NUM_WARPS, tw.NUM_STAGES, (f"cdiv(T, {tw.BLOCK_M}) + cdiv(C, {tw.BLOCK_R})", "b * H", "1"),
+                   {"b": _dim("q", 0), "H": _dim("q", 1), "T": _dim("q", 2), "C": _dim("k_window", 2)},
+                   route="aot_impl"),
     ]
 
 
@@ -370,8 +384,11 @@ def write_kernels(out_dir: Path, cfg, archs: Optional[list[int]] = None, strict:
         "attention_dtype": dtype,
         "ops": {}, "archs": {}, "errors": [],
     }
-    for s in specs:
-        index["ops"].setdefault(s.op, []).append(s.name)
+    for s in specs:                  # "ops": what trt_launch runs; "aot_impl": what trt_qdp embeds
+        if s.route == "python":
+            index["ops"].setdefault(s.op, []).append(s.name)
+        else:
+            index.setdefault("aot_impl", {})[s.op] = s.name
     for a in (archs or sorted(ARCHS)):
         arch = ARCHS[a]
         entry = {"arch": arch.arch, "ptx_target": arch.ptx_target, "devices": arch.devices, "needs": arch.needs,
@@ -408,9 +425,12 @@ def load_index(artifact_dir: Path) -> dict:
 
 
 # ---- for launchers written in Python (tools/gpu_check.py, tests) -----------------------------
-def eval_grid_expr(expr: str, names: dict[str, int]) -> int:
-    """Evaluate a grid expression: integers, names, +, *, cdiv(a, b). Nothing else is accepted."""
+def eval_grid_expr(expr: str, names: dict, cdiv=None):
+    """Evaluate a grid expression: integers, names, +, *, cdiv(a, b). Nothing else is accepted.
+    With `cdiv` given, names may be symbolic (TensorRT shape expressions, plugins/trt_qdp.py)."""
     import ast
+
+    cdiv = cdiv or (lambda a, b: -(-int(a) // int(b)))
 
     def ev(node):
         if isinstance(node, ast.Expression):
@@ -418,14 +438,13 @@ def eval_grid_expr(expr: str, names: dict[str, int]) -> int:
         if isinstance(node, ast.Constant) and isinstance(node.value, int):
             return node.value
         if isinstance(node, ast.Name) and node.id in names:
-            return int(names[node.id])
+            return names[node.id]
         if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
             a, b = ev(node.left), ev(node.right)
             return a + b if isinstance(node.op, ast.Add) else a * b
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "cdiv" \
                 and len(node.args) == 2 and not node.keywords:
-            a, b = ev(node.args[0]), ev(node.args[1])
-            return -(-a // b)
+            return cdiv(ev(node.args[0]), ev(node.args[1]))
         raise ValueError(f"unsupported grid expression {expr!r}")
 
     return ev(ast.parse(expr, mode="eval"))
@@ -434,7 +453,7 @@ def eval_grid_expr(expr: str, names: dict[str, int]) -> int:
 def eval_grid(record: dict, shapes: dict[str, tuple]) -> tuple[int, int, int]:
     """The launch grid of a kernel record, given the op's tensor shapes by contract name."""
     names = {n: shapes[v["tensor"]][v["axis"]] for n, v in record["grid_vars"].items()}
-    gx, gy, gz = (eval_grid_expr(e, names) for e in record["grid"])
+    gx, gy, gz = (int(eval_grid_expr(e, names)) for e in record["grid"])
     return gx, gy, gz
 
 
@@ -453,6 +472,10 @@ def arg_values(record: dict, pointers: dict[str, int], shapes: dict[str, tuple],
             val = attributes[v["name"]]
         elif kind == "null":
             val = 0
+        elif kind == "product":                          # e.g. batch * kv groups
+            val = 1
+            for d in v["of"]:
+                val *= shapes[d["tensor"]][d["axis"]]
         else:
             raise ValueError(f"unknown argument kind {kind!r}")
         out.append((a["type"], val))

@@ -34,14 +34,10 @@ def _softplus(x):
 
 
 @triton.jit
-def selective_scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, state_ptr,  # inputs 0..8
-    y_ptr, state_out_ptr,                                                             # outputs 0..1
-    E, T,                                                                             # runtime shapes
-    N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-):
-    pid_e = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)                 # 64-bit offsets: b * E * T may pass 2**31
+def _scan_program(pid_e, pid_b, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, state_ptr,
+                  y_ptr, state_out_ptr, E, T, N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One program's work: BLOCK_E channels of batch row pid_b over the whole chunk."""
+    pid_b = pid_b.to(tl.int64)                            # 64-bit offsets: b * E * T may pass 2**31
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     n = tl.arange(0, BLOCK_N)
     e_mask = e < E
@@ -87,6 +83,30 @@ def selective_scan_fwd_kernel(
     tl.store(state_out_ptr + s_off, s, mask=en_mask)
 
 
+@triton.jit
+def selective_scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, state_ptr,  # inputs 0..8
+    y_ptr, state_out_ptr,                                                             # outputs 0..1
+    E, T,                                                                             # runtime shapes
+    N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    _scan_program(tl.program_id(0), tl.program_id(1), u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr,
+                  delta_bias_ptr, state_ptr, y_ptr, state_out_ptr, E, T, N, BLOCK_N, BLOCK_E)
+
+
+@triton.jit
+def selective_scan_qdp_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, state_ptr,  # inputs 0..8
+    E, T,                                                                             # int32 extra args
+    y_ptr, state_out_ptr,                                                             # outputs 0..1
+    N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """The same kernel in the argument order of TensorRT's `tensorrt.plugin` aot_impl route
+    (inputs, int32 scalars, outputs): plugins/trt_qdp.py."""
+    _scan_program(tl.program_id(0), tl.program_id(1), u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr,
+                  delta_bias_ptr, state_ptr, y_ptr, state_out_ptr, E, T, N, BLOCK_N, BLOCK_E)
+
+
 # ---- host side ------------------------------------------------------------------------------
 # Launch configuration (also what plugins/aot.py compiles). BLOCK_E * BLOCK_N state values live in
 # registers: 32 x 16 over 4 warps is 4 per thread (ptxas: 72 registers, no spills, in the AOT builds
@@ -106,8 +126,9 @@ def grid(E: int, batch: int, block_e: int = BLOCK_E) -> tuple[int, int, int]:
 
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, ssm_state, *, block_e: int = BLOCK_E,
-                   num_warps: int = NUM_WARPS):
-    """Same signature and results as `selective_scan_ref`; returns (y, ssm_state_out), both fp32."""
+                   num_warps: int = NUM_WARPS, qdp: bool = False):
+    """Same signature and results as `selective_scan_ref`; returns (y, ssm_state_out), both fp32.
+    qdp=True launches the aot_impl route's entry point (`selective_scan_qdp_kernel`) instead."""
     f32 = torch.float32
     u, delta, z = (x.to(f32).contiguous() for x in (u, delta, z))
     A, B, C, D, delta_bias = (x.to(f32).contiguous() for x in (A, B, C, D, delta_bias))
@@ -123,14 +144,14 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, ssm_state, *, block_e: i
     state_out = torch.empty((b, E, N), dtype=f32, device=u.device)
     if b == 0 or E == 0:
         return y, state_out
-    selective_scan_fwd_kernel[grid(E, b, block_e)](
-        u, delta, A, B, C, D, z, delta_bias, ssm_state, y, state_out, E, T,
-        N=N, BLOCK_N=block_n(N), BLOCK_E=block_e, num_warps=num_warps, num_stages=NUM_STAGES,
-        enable_fp_fusion=True)
+    args = (u, delta, A, B, C, D, z, delta_bias, ssm_state) + ((E, T, y, state_out) if qdp else (y, state_out, E, T))
+    kernel = selective_scan_qdp_kernel if qdp else selective_scan_fwd_kernel
+    kernel[grid(E, b, block_e)](*args, N=N, BLOCK_N=block_n(N), BLOCK_E=block_e, num_warps=num_warps,
+                                num_stages=NUM_STAGES, enable_fp_fusion=True)
     return y, state_out
 
 
 # ---- the reference this kernel must equal ---------------------------------------------------
 from samba_edge.export.ops import selective_scan_ref  # noqa: E402  (kept last: tutorial order)
 
-__all__ = ["selective_scan_fwd_kernel", "selective_scan", "selective_scan_ref", "BLOCK_E", "NUM_WARPS"]
+__all__ = ["selective_scan_fwd_kernel", "selective_scan_qdp_kernel", "selective_scan", "selective_scan_ref", "BLOCK_E", "NUM_WARPS"]

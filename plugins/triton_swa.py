@@ -47,14 +47,9 @@ def _attend_block(acc, m_i, l_i, q, k, v, qpos, q_valid, kpos, k_valid, W, scale
 
 
 @triton.jit
-def swa_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, kw_ptr, vw_ptr, start_ptr,           # inputs 0..5
-    y_ptr,                                                    # output 0
-    H, G, T, W, C, scale,                                     # runtime shapes / attributes
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+def _attention_program(pid_m, pid_bh, q_ptr, k_ptr, v_ptr, kw_ptr, vw_ptr, start_ptr, y_ptr, H, G, T, W, C, scale,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """BLOCK_M queries (block pid_m) of batch row x head pid_bh."""
     b = pid_bh // H
     h = pid_bh % H
     g = h // (H // G)
@@ -107,14 +102,21 @@ def swa_fwd_kernel(
 
 
 @triton.jit
-def swa_window_update_kernel(
-    k_ptr, v_ptr, kw_ptr, vw_ptr,                             # inputs 1..4
-    kw_out_ptr, vw_out_ptr,                                   # outputs 1..2
-    T, C,                                                     # runtime shapes
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+def swa_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, kw_ptr, vw_ptr, start_ptr,           # inputs 0..5
+    y_ptr,                                                    # output 0
+    H, G, T, W, C, scale,                                     # runtime shapes / attributes
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    bg = tl.program_id(1).to(tl.int64)                        # batch row x kv group
+    _attention_program(tl.program_id(0), tl.program_id(1), q_ptr, k_ptr, v_ptr, kw_ptr, vw_ptr, start_ptr, y_ptr,
+                       H, G, T, W, C, scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _update_program(pid_r, bg, k_ptr, v_ptr, kw_ptr, vw_ptr, kw_out_ptr, vw_out_ptr, T, C,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """BLOCK_R rows (block pid_r) of the new window of batch row x kv group bg."""
+    bg = bg.to(tl.int64)
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
@@ -134,6 +136,40 @@ def swa_window_update_kernel(
     vw = tl.load(vw_ptr + win_off, mask=m_win, other=0.0).to(v_ptr.dtype.element_ty).to(odt)
     vc = tl.load(v_ptr + chk_off, mask=m_chk, other=0.0).to(odt)
     tl.store(vw_out_ptr + out_off, tl.where(from_win[:, None], vw, vc), mask=out_mask)
+
+
+@triton.jit
+def swa_window_update_kernel(
+    k_ptr, v_ptr, kw_ptr, vw_ptr,                             # inputs 1..4
+    kw_out_ptr, vw_out_ptr,                                   # outputs 1..2
+    T, C,                                                     # runtime shapes
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    _update_program(tl.program_id(0), tl.program_id(1), k_ptr, v_ptr, kw_ptr, vw_ptr, kw_out_ptr, vw_out_ptr, T, C,
+                    HEAD_DIM, BLOCK_D, BLOCK_R)
+
+
+@triton.jit
+def swa_qdp_kernel(
+    q_ptr, k_ptr, v_ptr, kw_ptr, vw_ptr, start_ptr,           # inputs 0..5
+    H, G, T, W, C, BG,                                        # int32 extra args (BG = batch * G)
+    y_ptr, kw_out_ptr, vw_out_ptr,                            # outputs 0..2
+    SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Both kernels in ONE launch, for TensorRT's `tensorrt.plugin` aot_impl route (one kernel per
+    plugin; arguments: inputs, int32 scalars, outputs; no float scalars, so the scale is baked in).
+    Grid (cdiv(T, BLOCK_M) + cdiv(C, BLOCK_R), batch * H): the first programs along axis 0 attend,
+    the rest copy the window (only the first batch * G rows along axis 1 have one to copy)."""
+    pid_x = tl.program_id(0)
+    pid_y = tl.program_id(1)
+    n_attn = tl.cdiv(T, BLOCK_M)
+    if pid_x < n_attn:
+        _attention_program(pid_x, pid_y, q_ptr, k_ptr, v_ptr, kw_ptr, vw_ptr, start_ptr, y_ptr,
+                           H, G, T, W, C, SCALE, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
+    elif pid_y < BG:
+        _update_program(pid_x - n_attn, pid_y, k_ptr, v_ptr, kw_ptr, vw_ptr, kw_out_ptr, vw_out_ptr, T, C,
+                        HEAD_DIM, BLOCK_D, BLOCK_R)
 
 
 # ---- host side ------------------------------------------------------------------------------
@@ -163,10 +199,15 @@ def update_grid(C: int, batch: int, G: int, block_r: int = BLOCK_R) -> tuple[int
     return (triton.cdiv(C, block_r), batch * G, 1)
 
 
+def qdp_grid(T: int, C: int, batch: int, H: int, block_m: int = BLOCK_M, block_r: int = BLOCK_R):
+    return (triton.cdiv(T, block_m) + triton.cdiv(C, block_r), batch * H, 1)
+
+
 def sliding_window_attention(q, k, v, k_window, v_window, start_pos, window: int, scale: float, *,
                              block_m: int = BLOCK_M, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
-                             block_r: int = BLOCK_R):
-    """Same signature and results as `sliding_window_attention_ref`: (y, k_window_out, v_window_out)."""
+                             block_r: int = BLOCK_R, fused: bool = False):
+    """Same signature and results as `sliding_window_attention_ref`: (y, k_window_out, v_window_out).
+    fused=True runs the single-launch kernel of the aot_impl route (`swa_qdp_kernel`) instead."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     k_window, v_window = k_window.contiguous(), v_window.contiguous()
     start_pos = start_pos.to(device=q.device, dtype=torch.int64).contiguous()
@@ -182,6 +223,13 @@ def sliding_window_attention(q, k, v, k_window, v_window, start_pos, window: int
     k_out = torch.empty_like(k_window)
     v_out = torch.empty_like(v_window)
     bd = block_d(hs)
+    if fused:
+        if b and H and (T or C):
+            swa_qdp_kernel[qdp_grid(T, C, b, H, block_m, block_r)](
+                q, k, v, k_window, v_window, start_pos, H, G, T, int(window), C, b * G, y, k_out, v_out,
+                SCALE=float(scale), HEAD_DIM=hs, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+                num_warps=num_warps, num_stages=NUM_STAGES, enable_fp_fusion=True)
+        return y, k_out, v_out
     if b and H and T:
         swa_fwd_kernel[fwd_grid(T, b, H, block_m)](
             q, k, v, k_window, v_window, start_pos, y, H, G, T, int(window), C, float(scale),
@@ -198,5 +246,5 @@ def sliding_window_attention(q, k, v, k_window, v_window, start_pos, window: int
 # ---- the reference these kernels must equal -------------------------------------------------
 from samba_edge.export.ops import sliding_window_attention_ref  # noqa: E402  (kept last: tutorial order)
 
-__all__ = ["swa_fwd_kernel", "swa_window_update_kernel", "sliding_window_attention",
+__all__ = ["swa_fwd_kernel", "swa_window_update_kernel", "swa_qdp_kernel", "sliding_window_attention",
            "sliding_window_attention_ref", "BLOCK_M", "BLOCK_N", "NUM_WARPS", "BLOCK_R"]

@@ -130,40 +130,31 @@ def grid_value(expr: str, env: dict[str, int]) -> int:
     from samba_edge.plugins.aot import eval_grid_expr
 
     try:
-        return eval_grid_expr(expr, env)
+        return int(eval_grid_expr(expr, env))
     except ValueError as e:
         raise SambaEdgeError(f"{e} in kernels metadata") from None
 
 
 def _args(rec: dict, inputs: Sequence[int], outputs: Sequence[int], shapes: dict, attrs: dict):
-    values, types = [], []
+    """(values, ctypes) of the kernel parameters, in order (aot.arg_values decides each value)."""
+    from samba_edge.plugins.aot import arg_values
+
+    pointers = {}
     for a in rec["args"]:
         v = a["value"]
-        kind = v["kind"]
-        if kind in ("input", "output"):
-            ptr = int((inputs if kind == "input" else outputs)[v["index"]])
+        if v["kind"] in ("input", "output"):
+            ptr = int((inputs if v["kind"] == "input" else outputs)[v["index"]])
             if ptr % rec.get("pointer_alignment_bytes", 1):
                 raise SambaEdgeError(f"{rec['entry']}: {v['name']} pointer is not "
                                      f"{rec['pointer_alignment_bytes']}-byte aligned")
-            values.append(ptr)
-            types.append(ctypes.c_void_p)
-        elif kind == "null":
-            values.append(0)
-            types.append(ctypes.c_void_p)
-        elif kind == "shape":
-            values.append(int(shapes[v["tensor"]][v["axis"]]))
-            types.append(ctypes.c_int32)
-        elif kind == "attribute":
-            x = attrs[v["name"]]
-            if a["type"] == "fp32":
-                values.append(float(x))
-                types.append(ctypes.c_float)
-            else:
-                values.append(int(x))
-                types.append(ctypes.c_int32)
-        else:
-            raise SambaEdgeError(f"unknown argument kind {kind!r} in {rec['entry']}'s metadata")
-    return tuple(values), tuple(types)
+            pointers[v["name"]] = ptr
+    try:
+        typed = arg_values(rec, pointers, shapes, attrs)
+    except (KeyError, ValueError) as e:
+        raise SambaEdgeError(f"{rec['entry']}'s metadata: {e}") from None
+    ctype = {"fp32": ctypes.c_float, "i32": ctypes.c_int32}
+    return (tuple(float(x) if t == "fp32" else int(x) for t, x in typed),
+            tuple(ctypes.c_void_p if t.startswith("*") else ctype[t] for t, _ in typed))
 
 
 def _launch(op: str, inputs, outputs, shapes: dict, grid_env: dict, attrs: dict, stream: int,

@@ -123,7 +123,7 @@ class TrtBackend:
         trt, info = import_trt()
         _, gpu, _ = check_cuda()
         check_runtime_matches(self.meta, info, gpu.get("gpus"))
-        if self.manifest.flavor == "plugin":
+        if self.manifest.flavor == "plugin" and self.meta.get("plugin_route") == "python":
             from samba_edge.plugins.trt_launch import set_kernels_dir
             from samba_edge.plugins.trt_plugins import register_plugins
 

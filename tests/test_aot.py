@@ -68,14 +68,16 @@ def test_all_archs_compile(built):
     assert json.loads((kdir / "kernels.json").read_text()) == index
     assert index["ops"] == {"SelectiveScan": ["selective_scan"],
                             "SlidingWindowAttention": ["swa_attention", "swa_window_update"]}
+    assert index["aot_impl"] == {"SelectiveScan": "selective_scan_qdp", "SlidingWindowAttention": "swa_qdp"}
     for a in ARCHS:
         kernels = index["archs"][f"sm_{a}"]["kernels"]
-        assert sorted(kernels) == ["selective_scan", "swa_attention", "swa_window_update"]
+        assert sorted(kernels) == ["selective_scan", "selective_scan_qdp", "swa_attention", "swa_qdp",
+                                   "swa_window_update"]
         for k in kernels.values():
             assert (kdir / k["files"]["ptx"]).is_file() and (kdir / k["files"]["meta"]).is_file()
             cubin = (kdir / k["files"]["cubin"]).read_bytes()
             assert cubin[:4] == b"\x7fELF"
-    print(f"\ncompiled 3 kernels x {len(ARCHS)} archs in {seconds:.1f}s")
+    print(f"\ncompiled 5 kernels x {len(ARCHS)} archs in {seconds:.1f}s")
 
 
 def test_ptx_targets_versions_and_entries(built):
@@ -96,7 +98,9 @@ def test_launcher_metadata_is_complete(built):
     kdir, index, _ = built
     mods = {"selective_scan": (triton_scan, "selective_scan_fwd_kernel"),
             "swa_attention": (triton_swa, "swa_fwd_kernel"),
-            "swa_window_update": (triton_swa, "swa_window_update_kernel")}
+            "swa_window_update": (triton_swa, "swa_window_update_kernel"),
+            "selective_scan_qdp": (triton_scan, "selective_scan_qdp_kernel"),
+            "swa_qdp": (triton_swa, "swa_qdp_kernel")}
     for sm, name, rec in _records(kdir, index):
         assert RECORD_KEYS <= set(rec), (sm, name, RECORD_KEYS - set(rec))
         mod, fn = mods[name]
@@ -125,6 +129,17 @@ def test_launcher_metadata_is_complete(built):
             used = {(a["value"]["kind"], a["value"]["name"]) for _, n, rec in _records(kdir, index)
                     if rec["op"] == op and rec["arch"] == sm for a in rec["args"] if "name" in a["value"]}
             assert {("input", n) for n in ins} | {("output", n) for n in outs} <= used, (sm, op)
+    # aot_impl kernels: ONE kernel per op takes the whole contract, as inputs, int32 scalars, outputs
+    for sm, name, rec in _records(kdir, index):
+        if name not in index["aot_impl"].values():
+            continue
+        ins, outs = CONTRACT[rec["op"]]
+        kinds = [a["value"]["kind"] for a in rec["args"][:-2]]
+        n_in, n_out = kinds.count("input"), kinds.count("output")
+        assert kinds[:n_in] == ["input"] * n_in and kinds[len(kinds) - n_out:] == ["output"] * n_out, (sm, name)
+        assert all(a["type"] == "i32" for a in rec["args"][n_in:len(kinds) - n_out]), (sm, name)   # no fp32 scalars
+        assert [a["value"]["name"] for a in rec["args"][:n_in]] == list(ins), (sm, name)
+        assert [a["value"]["name"] for a in rec["args"][len(kinds) - n_out:len(kinds)]] == list(outs), (sm, name)
 
 
 def test_grid_formulas_match_the_host_wrappers(built):
@@ -135,10 +150,12 @@ def test_grid_formulas_match_the_host_wrappers(built):
     for b, E, T in [(1, 3072, 1), (2, 70, 37), (3, 31, 256)]:
         shapes = {"u": (b, E, T)}
         assert aot.eval_grid(recs["selective_scan"], shapes) == triton_scan.grid(E, b)
+        assert aot.eval_grid(recs["selective_scan_qdp"], shapes) == triton_scan.grid(E, b)
     for b, H, G, T, C in [(1, 12, 12, 1, 2047), (2, 4, 2, 37, 7), (3, 4, 1, 256, 63)]:
         shapes = {"q": (b, H, T, 128), "k": (b, G, T, 128), "k_window": (b, G, C, 128)}
         assert aot.eval_grid(recs["swa_attention"], shapes) == triton_swa.fwd_grid(T, b, H)
         assert aot.eval_grid(recs["swa_window_update"], shapes) == triton_swa.update_grid(C, b, G)
+        assert aot.eval_grid(recs["swa_qdp"], shapes) == triton_swa.qdp_grid(T, C, b, H)
 
 
 @pytest.mark.skipif(shutil.which("ptxas") is None, reason="no ptxas on PATH")
@@ -267,3 +284,29 @@ def test_gpu_check_without_gpu_exits_2():
     assert p.returncode == 2, (p.stdout, p.stderr)
     assert p.stderr.startswith("no CUDA GPU: "), p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_aot_impl_launch_mapping(built):
+    """plugins/trt_qdp.py turns a record into TensorRT's launch description. With integer 'shape
+    expressions' it must give the grid the wrappers use and the kernel's int32 arguments in order."""
+    from types import SimpleNamespace
+
+    from samba_edge.plugins import triton_scan, triton_swa
+    from samba_edge.plugins.trt_qdp import _launch
+
+    fake = SimpleNamespace(cdiv=lambda a, b: -(-a // b), KernelLaunchParams=SimpleNamespace, SymInt32=int,
+                           SymIntExprs=SimpleNamespace(from_tuple=tuple))
+    kdir, index, _ = built
+    recs = {name: rec for sm, name, rec in _records(kdir, index) if sm == "sm_87"}
+    b, E, T, N = 2, 3072, 37, 16
+    desc = {"u": SimpleNamespace(shape_expr=(b, E, T)), "ssm_state": SimpleNamespace(shape_expr=(b, E, N))}
+    name, ptx, lp, extra = _launch(fake, recs["selective_scan_qdp"], b"ptx", desc, {})
+    assert name == "selective_scan_qdp_kernel" and extra == (E, T)
+    assert (lp.grid_x, lp.grid_y, lp.grid_z) == triton_scan.grid(E, b) and lp.block_x == 32 * triton_scan.NUM_WARPS
+    H, G, hs, C, W = 12, 2, 128, 2047, 2048
+    desc = {"q": SimpleNamespace(shape_expr=(b, H, T, hs)), "k": SimpleNamespace(shape_expr=(b, G, T, hs)),
+            "k_window": SimpleNamespace(shape_expr=(b, G, C, hs))}
+    name, ptx, lp, extra = _launch(fake, recs["swa_qdp"], b"ptx", desc, {"window": W})
+    assert extra == (H, G, T, W, C, b * G)                          # H, G, T, W, C, BG: the kernel's order
+    assert (lp.grid_x, lp.grid_y, lp.grid_z) == triton_swa.qdp_grid(T, C, b, H)
+    assert lp.shared_mem == recs["swa_qdp"]["shared_mem_bytes"]

@@ -34,6 +34,7 @@ SCAN_CASES = [
     ("scan-default-blocks-E3-N16", 2, 3, 16, [1, 4], {}),               # BLOCK_E (32) > E
     ("scan-decode-E9-N8", 2, 9, 8, [1, 1, 1], {"block_e": 4}),
     ("scan-E70-N16-3blocks", 2, 70, 16, [W + 1, 28], {}),                # last block of 32 partial
+    ("scan-qdp-entry-E10-N5", 2, 10, 5, CHUNKS, {"block_e": 8, "qdp": True}),   # aot_impl route's kernel
 ]
 # attention: (id, b, H, G, hs, window, start positions of the two rows, chunk sizes, dtype, kwargs)
 SWA_CASES = [
@@ -44,6 +45,11 @@ SWA_CASES = [
     ("swa-gqa-W40-multiblock", 2, 4, 2, 8, 40, [0, 23], [20, 1, 37], "float32", {"block_m": 16, "block_n": 16}),
     ("swa-gqa-fp16", 2, 4, 2, 12, W, [1, 9], [3, 9], "float16", {}),
     ("swa-gqa-hs64-W16-rows-apart", 2, 4, 2, 64, 16, [0, 100], [1, 15, 16, 17, 5], "float32", {}),
+    # the single-launch kernel of the aot_impl route (attention + window copy in one grid)
+    ("swa-fused-gqa-chunks", 2, 4, 2, 12, W, [0, 5], CHUNKS, "float32", {"fused": True}),
+    ("swa-fused-mqa-W40-multiblock", 2, 4, 1, 8, 40, [0, 23], [20, 1, 37], "float32",
+     {"fused": True, "block_m": 16, "block_n": 16, "block_r": 16}),
+    ("swa-fused-fp16", 2, 4, 2, 12, W, [1, 9], [3, 9], "float16", {"fused": True}),
 ]
 
 

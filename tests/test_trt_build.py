@@ -403,3 +403,16 @@ def test_trt_backend_on_gpu(exports, tmp_path):
     np.testing.assert_allclose(c.feed([3]), d.feed([3]), atol=1e-3, rtol=1e-3)
     out = trt_m.step([a, d], [[4], [4]])                       # batched decode across two streams
     assert len(out) == 2 and all(np.isfinite(o).all() for o in out)
+
+
+def test_plugin_routes(plugin_build, exports, tmp_path):
+    from samba_edge.plugins.trt_qdp import aot_route_available
+
+    assert _meta(plugin_build[0])["plugin_route"] == ("aot_impl" if aot_route_available() else "python")
+    assert _meta(build_engine(exports["portable"], tmp_path / "p", max_chunk=4, progress=False))["plugin_route"] is None
+    if not aot_route_available():               # TensorRT-RTX / TensorRT < 10.9: a clear refusal, nothing written
+        with pytest.raises(SambaEdgeError, match="10.9"):
+            build_engine(exports["plugin"], tmp_path / "aot", plugin_route="aot", progress=False)
+        assert not (tmp_path / "aot").exists()
+    with pytest.raises(SambaEdgeError, match="plugin-route"):
+        build_engine(exports["plugin"], tmp_path / "x", plugin_route="cuda", progress=False)

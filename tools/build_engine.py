@@ -125,8 +125,13 @@ def _one_line(text: str, limit: int = 400) -> str:
 def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[int] = None, max_batch: int = 1,
                  workspace: str | int | None = None, opt_level: Optional[int] = None,
                  timing_cache: Optional[str] = None, target: str = "x86", force: bool = False,
-                 progress: bool = True, verbose: bool = False) -> Path:
-    """Public entry of `samba-edge build`. Returns the engine directory."""
+                 progress: bool = True, verbose: bool = False, plugin_route: str = "auto") -> Path:
+    """Public entry of `samba-edge build`. Returns the engine directory.
+
+    plugin_route (plugin flavour): python = the IPluginV3 plugins, whose enqueue runs in the process
+    that runs the engine (samba-edge's runtime); aot = tensorrt.plugin aot_impl (TensorRT >= 10.9),
+    kernels embedded in the engine, which then runs in trtexec / C++ without Python; auto = aot where
+    available."""
     from samba_edge.export.checkpoint import atomic_dir, check_output
     from samba_edge.plugins.trt_import import import_trt
 
@@ -134,6 +139,8 @@ def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[in
     manifest = Manifest.load(export_dir)
     if target not in TARGETS:
         raise SambaEdgeError(f"unknown --target {target!r}; use one of: {', '.join(TARGETS)}")
+    if plugin_route not in ("auto", "python", "aot"):
+        raise SambaEdgeError(f"unknown --plugin-route {plugin_route!r}; use auto, python or aot")
     if manifest.flavor not in ("plugin", "portable"):
         raise SambaEdgeError(f"artifact flavour {manifest.flavor!r} cannot be built; re-export with "
                              "--flavor plugin (or portable)")
@@ -161,13 +168,12 @@ def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[in
         from samba_edge.plugins.trt_import import cache_dir
 
         timing_cache = str(cache_dir() / "timing" / f"{target}-{info.flavor}-{info.version}.cache")
-    if manifest.flavor == "plugin":
-        from samba_edge.plugins.trt_plugins import register_plugins
-
-        register_plugins()
+    route = _register_plugins(export_dir, plugin_route) if manifest.flavor == "plugin" else None
     log = _Logger(trt, verbose)
     builder = trt.Builder(log.logger)
     flags = 0
+    if route == "aot_impl" and hasattr(trt.NetworkDefinitionCreationFlag, "PREFER_AOT_PYTHON_PLUGINS"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS)
     if info.flavor == "tensorrt":
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):        # TRT 10 deprecates, 11 removes
@@ -177,8 +183,10 @@ def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[in
     t0 = time.monotonic()
     if progress:
         print(f"parsing {onnx_path} ({info.flavor} {info.version})", file=sys.stderr, flush=True)
-    # parse_from_file resolves external data (model.onnx.data) next to the file
-    ok = parser.parse_from_file(str(onnx_path))
+    if route == "aot_impl":               # TensorRT 10.9 reads the namespace from an attribute, not the domain
+        ok = parser.parse(_mark_aot_nodes(onnx_path), str(onnx_path))
+    else:                                 # parse_from_file resolves external data (model.onnx.data) next to the file
+        ok = parser.parse_from_file(str(onnx_path))
     if not ok:
         errs = [str(parser.get_error(i)) for i in range(parser.num_errors)] or log.errors or ["unknown parser error"]
         raise SambaEdgeError(f"TensorRT's ONNX parser rejected {onnx_path}: {_one_line(errs[0])}")
@@ -239,6 +247,7 @@ def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[in
         "tensorrt": {"flavor": info.flavor, "version": info.version},
         "target": target,
         "gpu": _build_gpu(info),
+        "plugin_route": route,
         "artifact": {"path": str(export_dir.resolve()), "fingerprint": manifest.fingerprint,
                      "flavor": manifest.flavor, "dtype": manifest.dtype, "max_chunk": manifest.max_chunk},
         "plugins": [{"name": c["name"], "namespace": c["domain"], "version": c["plugin_version"]}
@@ -267,6 +276,44 @@ def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[in
         tmp_tc.write_bytes(bytes(config.get_timing_cache().serialize()))
         os.replace(tmp_tc, tc)
     return out
+
+
+def _register_plugins(export_dir: Path, plugin_route: str) -> str:
+    """Register the samba.* plugins for one route (both claim samba::NAME version 1, so never both)."""
+    from samba_edge.plugins.trt_qdp import aot_route_available, register_aot_plugins
+
+    if plugin_route == "auto":
+        plugin_route = "aot" if aot_route_available() else "python"
+    if plugin_route == "aot":
+        from samba_edge.tools.doctor import check_cuda
+
+        if not aot_route_available():
+            raise SambaEdgeError("--plugin-route aot needs TensorRT >= 10.9 with tensorrt.plugin (TensorRT-RTX and "
+                                 "JetPack 6's TensorRT 10.3 have none); use --plugin-route python")
+
+        sm = check_cuda()[2]
+        if sm is None:
+            raise SambaEdgeError("--plugin-route aot embeds PTX for the building GPU, and no GPU is visible; "
+                                 "build on the target device (or use --plugin-route python)")
+        register_aot_plugins(export_dir, sm)
+        return "aot_impl"
+    from samba_edge.plugins.trt_plugins import register_plugins
+
+    register_plugins()
+    return "python"
+
+
+def _mark_aot_nodes(onnx_path: Path) -> bytes:
+    """The graph with plugin_namespace / aot attributes on the samba.* nodes (the ONNX parser's way to
+    select an AOT quickly deployable plugin); the weights stay external, read from the file's folder."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    for node in proto.graph.node:
+        if node.domain == "samba":
+            node.attribute.extend([onnx.helper.make_attribute("plugin_namespace", "samba"),
+                                   onnx.helper.make_attribute("aot", 1)])
+    return proto.SerializeToString()
 
 
 def _build_gpu(info) -> Optional[dict]:
