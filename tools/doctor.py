@@ -99,7 +99,11 @@ def check_plugins(trt_ok: bool) -> dict:
         names = [c.name for c in creators if reg.get_creator(c.name, VERSION, NAMESPACE) is not None]
         if len(names) != 2:
             return _check("plugins", "error", f"only {names} registered")
-        return _check("plugins", "ok", f"{NAMESPACE}::{', '.join(names)} v{VERSION} registered")
+        from samba_edge.plugins.trt_qdp import aot_route_available
+
+        aot = ("aot_impl route available (engines run without Python)" if aot_route_available() else
+               "aot_impl route unavailable (needs TensorRT >= 10.9): engines run in samba-edge's runtime")
+        return _check("plugins", "ok", f"{NAMESPACE}::{', '.join(names)} v{VERSION} registered (python route); {aot}")
     except Exception as e:  # noqa: BLE001
         return _check("plugins", "error", _first_line(e))
 
