@@ -23,7 +23,6 @@ import contextlib
 import fnmatch
 import hashlib
 import io
-import json
 import logging
 import shutil
 import tempfile

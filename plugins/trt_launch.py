@@ -1,8 +1,11 @@
 """Plain launchers for the AOT-compiled Triton kernels (plugins/aot.py), called by the TensorRT
 plugins' `enqueue` (plugins/trt_plugins.py) and usable from any CUDA code path that has device pointers.
 
-    launch_selective_scan(inputs, outputs, shapes, attrs, stream)
-    launch_sliding_window_attention(inputs, outputs, shapes, attrs, stream, half=False)
+    launch_selective_scan(inputs, outputs, batch=, d_inner=, d_state=, seq=, delta_softplus=, stream=)
+    launch_sliding_window_attention(inputs, outputs, batch=, ..., half=False, stream=)
+
+`route="aot_impl"` launches the single-kernel entry points that the tensorrt.plugin route embeds
+(plugins/trt_qdp.py) instead, so tools/gpu_check.py verifies both routes' kernels with this code.
 
 `inputs` / `outputs` are device pointers (ints) in the op contract's order (docs/op-contracts.md),
 `shapes` maps the contract's tensor names (u, q, k, k_window, ...) to their dims, `attrs` holds the
@@ -33,12 +36,21 @@ INDEX = "kernels.json"
 _kernels_dir: Optional[Path] = None
 _lock = threading.Lock()
 _functions: dict[tuple, Any] = {}        # (context, file) -> (module, {entry: function})
+_image: Optional[str] = None             # None: the cubin when its arch is the device's, else PTX
 
 
 def set_kernels_dir(path: str | Path | None) -> None:
     """Point the launchers at an artifact (or its kernels/ folder)."""
     global _kernels_dir
     _kernels_dir = None if path is None else Path(path)
+
+
+def set_image(image: Optional[str]) -> None:
+    """Force "cubin" or "ptx" (driver JIT) images, e.g. to check both on a device; None = automatic."""
+    global _image
+    if image not in (None, "cubin", "ptx"):
+        raise ValueError(f"image must be None, 'cubin' or 'ptx', got {image!r}")
+    _image = image
 
 
 def _index_path() -> Path:
@@ -78,7 +90,7 @@ def _device_sm(driver) -> str:
     return f"sm_{major}{minor}"
 
 
-def _records(op: str) -> tuple[Path, list[dict]]:
+def _records(op: str, route: str = "python") -> tuple[Path, list[dict]]:
     """(kernels dir, the op's kernel records in launch order) for the current device's arch."""
     driver = _driver()
     index_path = _index_path()
@@ -89,7 +101,8 @@ def _records(op: str) -> tuple[Path, list[dict]]:
     if arch is None:
         raise SambaEdgeError(f"{index_path} has no kernels for this GPU ({sm}); it has "
                              f"{', '.join(index.get('archs', {})) or 'none'}: re-export on a samba-edge that targets {sm}")
-    names = index.get("ops", {}).get(op, [])
+    names = index.get("ops", {}).get(op, []) if route == "python" else [index.get("aot_impl", {}).get(op)]
+    names = [n for n in names if n]
     recs = []
     for name in names:
         k = arch["kernels"].get(name)
@@ -107,7 +120,9 @@ def _records(op: str) -> tuple[Path, list[dict]]:
 
 def _function(driver, root: Path, rec: dict, sm: str):
     ctx = int(cuda_check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent"))
-    use_cubin = "cubin" in rec["files"] and rec["arch"] == sm
+    use_cubin = "cubin" in rec["files"] and rec["arch"] == sm and _image != "ptx"
+    if _image == "cubin" and not use_cubin:
+        raise SambaEdgeError(f"no cubin of {rec['entry']} for {sm} (set_image('ptx') to JIT the PTX)")
     f = rec["files"]["cubin" if use_cubin else "ptx"]
     key = (ctx, str(root / f), rec["entry"])
     with _lock:
@@ -158,9 +173,9 @@ def _args(rec: dict, inputs: Sequence[int], outputs: Sequence[int], shapes: dict
 
 
 def _launch(op: str, inputs, outputs, shapes: dict, grid_env: dict, attrs: dict, stream: int,
-            half: bool = False) -> None:
+            half: bool = False, route: str = "python") -> None:
     driver = _driver()
-    root, recs = _records(op)
+    root, recs = _records(op, route)
     sm = _device_sm(driver)
     for rec in recs:
         want = "*fp16" if half else "*fp32"
@@ -178,19 +193,19 @@ def _launch(op: str, inputs, outputs, shapes: dict, grid_env: dict, attrs: dict,
 
 
 def launch_selective_scan(inputs: Sequence[int], outputs: Sequence[int], *, batch: int, d_inner: int, d_state: int,
-                          seq: int, delta_softplus: int, stream: int) -> None:
+                          seq: int, delta_softplus: int, stream: int, route: str = "python") -> None:
     """samba.SelectiveScan: inputs u, delta, A, B, C, D, z, delta_bias, ssm_state; outputs y, ssm_state_out."""
     if int(delta_softplus) != 1:
         raise SambaEdgeError("SelectiveScan kernels implement delta_softplus=1 only")
     shapes = {"u": (batch, d_inner, seq), "ssm_state": (batch, d_inner, d_state)}
-    _launch("SelectiveScan", inputs, outputs, shapes, {"b": batch, "E": d_inner, "T": seq}, {}, stream)
+    _launch("SelectiveScan", inputs, outputs, shapes, {"b": batch, "E": d_inner, "T": seq}, {}, stream, route=route)
 
 
 def launch_sliding_window_attention(inputs: Sequence[int], outputs: Sequence[int], *, batch: int, num_heads: int,
                                     num_kv_heads: int, seq: int, head_size: int, window_rows: int, window: int,
-                                    scale: float, half: bool, stream: int) -> None:
+                                    scale: float, half: bool, stream: int, route: str = "python") -> None:
     """samba.SlidingWindowAttention: inputs q, k, v, k_window, v_window, start_pos; outputs y, k/v_window_out."""
     b, H, G, T, hs, C = batch, num_heads, num_kv_heads, seq, head_size, window_rows
     shapes = {"q": (b, H, T, hs), "k": (b, G, T, hs), "v": (b, G, T, hs), "k_window": (b, G, C, hs)}
     _launch("SlidingWindowAttention", inputs, outputs, shapes, {"b": b, "H": H, "G": G, "T": T, "C": C},
-            {"window": window, "scale": scale}, stream, half=half)
+            {"window": window, "scale": scale}, stream, half=half, route=route)

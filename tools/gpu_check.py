@@ -70,51 +70,6 @@ def _ck(ret, what: str):
     return rest[0] if len(rest) == 1 else (rest or None)
 
 
-class AotKernel:
-    """One kernel of kernels.json loaded from its cubin or its PTX, launched like the plugin will."""
-
-    def __init__(self, kernels_dir: Path, record: dict, image: str):
-        import numpy as np
-
-        cu = _driver()
-        self.record, self.image = record, image
-        path = kernels_dir / record["files"][image]
-        data = path.read_bytes() + (b"\0" if image == "ptx" else b"")       # PTX must be NUL-terminated
-        self._buf = np.frombuffer(data, dtype=np.uint8)
-        self.module = _ck(cu.cuModuleLoadData(self._buf.ctypes.data), f"cuModuleLoadData({path.name})")
-        self.func = _ck(cu.cuModuleGetFunction(self.module, record["entry"].encode()), "cuModuleGetFunction")
-        self.shared = int(record["shared_mem_bytes"])
-        if record["needs_shared_mem_opt_in"]:
-            attr = cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-            _ck(cu.cuFuncSetAttribute(self.func, attr, self.shared), "cuFuncSetAttribute")
-
-    def launch(self, tensors: dict, attributes: dict, stream) -> None:
-        import numpy as np
-
-        from samba_edge.plugins.aot import arg_values, eval_grid
-
-        cu = _driver()
-        shapes = {n: tuple(t.shape) for n, t in tensors.items()}
-        align = self.record["pointer_alignment_bytes"]
-        for n, t in tensors.items():
-            if t.data_ptr() % align:
-                raise RuntimeError(f"{n} is not {align}-byte aligned, which the AOT kernel assumes")
-        holders = []
-        for ty, val in arg_values(self.record, {n: t.data_ptr() for n, t in tensors.items()}, shapes, attributes):
-            dt = {"i32": np.int32, "fp32": np.float32, "i64": np.int64}.get(ty, np.uint64)   # pointers: 64-bit
-            holders.append(np.array([val], dtype=dt))
-        params = np.array([h.ctypes.data for h in holders], dtype=np.uint64)
-        gx, gy, gz = eval_grid(self.record, shapes)
-        bx, by, bz = self.record["block"]
-        if gx * gy * gz == 0:
-            return
-        _ck(cu.cuLaunchKernel(self.func, gx, gy, gz, bx, by, bz, self.shared, cu.CUstream(stream),
-                              params.ctypes.data, 0), f"cuLaunchKernel({self.record['entry']})")
-
-    def close(self) -> None:
-        _ck(_driver().cuModuleUnload(self.module), "cuModuleUnload")
-
-
 def _driver_info(device_index: int) -> dict:
     cu = _driver()
     _ck(cu.cuInit(0), "cuInit")
@@ -217,51 +172,55 @@ class Checker:
         win = max((got[1] - ref[1]).abs().max().item(), (got[2] - ref[2]).abs().max().item())
         return {"ok": err <= tol and win == 0.0, "max_rel_err": err, "tol": tol, "window_max_abs_err": win}
 
-    # -- AOT correctness --
-    def scan_aot(self, kdir: Path, rec: dict, image: str, sizes: dict, b: int, T: int, stream) -> dict:
+    # -- AOT correctness: through plugins/trt_launch.py, the launcher the TensorRT plugins' enqueue calls --
+    def scan_aot(self, kdir: Path, image: str, route: str, sizes: dict, b: int, T: int, stream) -> dict:
+        from samba_edge.plugins import trt_launch
         from samba_edge.plugins import triton_scan as ts
 
-        k = AotKernel(kdir, rec, image)
-        try:
-            x = scan_inputs(self.torch, b, sizes["E"], sizes["N"], T, seed=1)
-            t = {**x, "y": self.torch.empty_like(x["u"]), "ssm_state_out": self.torch.empty_like(x["ssm_state"])}
-            k.launch(t, {}, stream)
-            self.torch.cuda.synchronize()
-            yr, sr = ts.selective_scan_ref(*(x[n] for n in SCAN_IN))
-            err = max(_rel(t["y"], yr), _rel(t["ssm_state_out"], sr))
-            out = {"ok": err <= SCAN_TOL, "max_rel_err": err, "tol": SCAN_TOL}
-            if T > 1:
-                out["aot_ms"] = self.bench(lambda: k.launch(t, {}, stream))
-        finally:
-            k.close()
+        trt_launch.set_kernels_dir(kdir)
+        trt_launch.set_image(image)
+        x = scan_inputs(self.torch, b, sizes["E"], sizes["N"], T, seed=1)
+        t = {**x, "y": self.torch.empty_like(x["u"]), "ssm_state_out": self.torch.empty_like(x["ssm_state"])}
+
+        def run():
+            trt_launch.launch_selective_scan([t[n].data_ptr() for n in SCAN_IN],
+                                             [t["y"].data_ptr(), t["ssm_state_out"].data_ptr()],
+                                             batch=b, d_inner=sizes["E"], d_state=sizes["N"], seq=T,
+                                             delta_softplus=1, stream=stream, route=route)
+
+        run()
+        self.torch.cuda.synchronize()
+        yr, sr = ts.selective_scan_ref(*(x[n] for n in SCAN_IN))
+        err = max(_rel(t["y"], yr), _rel(t["ssm_state_out"], sr))
+        out = {"ok": err <= SCAN_TOL, "max_rel_err": err, "tol": SCAN_TOL}
+        if T > 1:
+            out["aot_ms"] = self.bench(run)
         return out
 
-    def swa_aot(self, kdir: Path, recs: dict, image: str, sizes: dict, b: int, T: int, starts, stream) -> dict:
+    def swa_aot(self, kdir: Path, image: str, route: str, sizes: dict, b: int, T: int, starts, stream) -> dict:
+        from samba_edge.plugins import trt_launch
         from samba_edge.plugins import triton_swa as tw
 
+        trt_launch.set_kernels_dir(kdir)
+        trt_launch.set_image(image)
         hs, W = sizes["hs"], sizes["W"]
-        fwd = AotKernel(kdir, recs["swa_attention"], image)
-        upd = AotKernel(kdir, recs["swa_window_update"], image)
-        try:
-            x = swa_inputs(self.torch, b, sizes["H"], sizes["G"], hs, W, T, starts, self.torch.float32, seed=1)
-            t = {**x, "y": self.torch.empty_like(x["q"]), "k_window_out": self.torch.empty_like(x["k_window"]),
-                 "v_window_out": self.torch.empty_like(x["v_window"])}
-            attrs = {"window": W, "scale": hs ** -0.5}
+        x = swa_inputs(self.torch, b, sizes["H"], sizes["G"], hs, W, T, starts, self.torch.float32, seed=1)
+        t = {**x, "y": self.torch.empty_like(x["q"]), "k_window_out": self.torch.empty_like(x["k_window"]),
+             "v_window_out": self.torch.empty_like(x["v_window"])}
 
-            def run():
-                fwd.launch(t, attrs, stream)                 # launch_order 0, then 1 (independent)
-                upd.launch(t, attrs, stream)
+        def run():
+            trt_launch.launch_sliding_window_attention(
+                [t[n].data_ptr() for n in SWA_IN], [t[n].data_ptr() for n in ("y", "k_window_out", "v_window_out")],
+                batch=b, num_heads=sizes["H"], num_kv_heads=sizes["G"], seq=T, head_size=hs, window_rows=W - 1,
+                window=W, scale=hs ** -0.5, half=False, stream=stream, route=route)
 
-            run()
-            self.torch.cuda.synchronize()
-            ref = tw.sliding_window_attention_ref(*(x[n] for n in SWA_IN), W, hs ** -0.5)
-            err = _rel(t["y"], ref[0])
-            win = max((t["k_window_out"] - ref[1]).abs().max().item(), (t["v_window_out"] - ref[2]).abs().max().item())
-            out = {"ok": err <= ATTN_TOL and win == 0.0, "max_rel_err": err, "tol": ATTN_TOL, "window_max_abs_err": win}
-            out["aot_ms"] = self.bench(run)
-        finally:
-            fwd.close()
-            upd.close()
+        run()
+        self.torch.cuda.synchronize()
+        ref = tw.sliding_window_attention_ref(*(x[n] for n in SWA_IN), W, hs ** -0.5)
+        err = _rel(t["y"], ref[0])
+        win = max((t["k_window_out"] - ref[1]).abs().max().item(), (t["v_window_out"] - ref[2]).abs().max().item())
+        out = {"ok": err <= ATTN_TOL and win == 0.0, "max_rel_err": err, "tol": ATTN_TOL, "window_max_abs_err": win}
+        out["aot_ms"] = self.bench(run)
         return out
 
     # -- timing --
@@ -420,17 +379,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                     c.checks.append({"name": f"aot[{sname}] {sm}", "ok": False,
                                      "error": f"no {sm} kernels in the index; errors: {index.get('errors')}"})
                     continue
-                recs = {k: json.loads((kdir / v["files"]["meta"]).read_text())
-                        for k, v in index["archs"][sm]["kernels"].items()}
                 for image in ("cubin", "ptx"):
-                    for T in (1, 37, 256):
-                        c.check(f"aot-{image}[{sname}] scan b=2 T={T}",
-                                lambda r=recs, im=image, sz=sz, T=T: c.scan_aot(kdir, r["selective_scan"], im, sz, 2, T,
-                                                                                stream))
-                        starts = [0, 3 * sz["W"] + 5]
-                        c.check(f"aot-{image}[{sname}] swa b=2 T={T}",
-                                lambda r=recs, im=image, sz=sz, T=T, st=starts: c.swa_aot(kdir, r, im, sz, 2, T, st,
-                                                                                          stream))
+                    for route in ("python", "aot_impl"):          # the IPluginV3 and the tensorrt.plugin kernels
+                        for T in (1, 37, 256):
+                            c.check(f"aot-{image}-{route}[{sname}] scan b=2 T={T}",
+                                    lambda im=image, ro=route, sz=sz, T=T: c.scan_aot(kdir, im, ro, sz, 2, T, stream))
+                            starts = [0, 3 * sz["W"] + 5]
+                            c.check(f"aot-{image}-{route}[{sname}] swa b=2 T={T}",
+                                    lambda im=image, ro=route, sz=sz, T=T, st=starts: c.swa_aot(kdir, im, ro, sz, 2, T,
+                                                                                               st, stream))
 
     print("timing (median ms, L2 flushed):")
     big = sizesets["Samba_421M"]
