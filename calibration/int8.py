@@ -50,8 +50,8 @@ def _ort_quant():
 
 # ---- which GEMMs ----------------------------------------------------------------------------
 def gemm_labels(proto, model: dict) -> dict[str, str]:
-    """MatMul node name -> a readable label ("h.0.in_proj", "h.1.attn", ..., "lm_head") for every
-    weight GEMM of the graph; matmuls between activations (attention inside the portable body) are
+    """MatMul node name -> a readable label ("h.0.attn.in_proj", "h.1.attn.qkv", "h.2.mlp.w3", ...,
+    "lm_head") for every weight GEMM of the graph; matmuls between activations (attention inside the portable body) are
     not weight GEMMs and are left out. dt_proj is found by its weight shape (R, E): it is computed by
     F.linear in fp32, so it has no module scope of its own."""
     consts = {i.name: list(i.dims) for i in proto.graph.initializer}

@@ -193,21 +193,29 @@ def test_cache_hits_and_keys(built, cache, tmp_path):
 
 
 class _FakeDriver:
-    """Just enough of cuda.bindings.driver to run gpu_check.AotKernel on CPU and capture the launch."""
+    """Just enough of cuda.bindings.driver to run plugins/trt_launch.py on CPU and capture the launches."""
 
-    class CUresult:
-        CUDA_SUCCESS = 0
+    class CUdevice_attribute:
+        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = "major"
+        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = "minor"
 
     class CUfunction_attribute:
         CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
-    CUstream = int
-
     def __init__(self):
         self.launches, self.images = [], []
 
-    def cuModuleLoadData(self, addr):
-        self.images.append(addr)
+    def cuCtxGetCurrent(self):
+        return 0, 1234
+
+    def cuCtxGetDevice(self):
+        return 0, 0
+
+    def cuDeviceGetAttribute(self, attr, dev):
+        return 0, {"major": 9, "minor": 0}[attr]                 # an H100/H200: sm_90
+
+    def cuModuleLoadData(self, data):
+        self.images.append(data)
         return 0, "module"
 
     def cuModuleGetFunction(self, mod, name):
@@ -216,44 +224,55 @@ class _FakeDriver:
     def cuFuncSetAttribute(self, *a):
         return (0,)
 
-    def cuModuleUnload(self, mod):
-        return (0,)
-
     def cuLaunchKernel(self, f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
-        # decode kernelParams (void*[], one pointer per parameter) while the caller's buffers are alive
-        ptrs = (ctypes.c_uint64 * len(self.arg_types)).from_address(params)
-        values = [{"i32": ctypes.c_int32, "fp32": ctypes.c_float}.get(ty, ctypes.c_uint64).from_address(p).value
-                  for ty, p in zip(self.arg_types, ptrs)]
+        values, types = params                                   # cuda-python's (values, ctypes) form
         self.launches.append({"f": f, "grid": (gx, gy, gz), "block": (bx, by, bz), "shared": shared,
-                              "values": values, "extra": extra})
+                              "values": list(values), "types": list(types), "stream": stream, "extra": extra})
         return (0,)
 
 
-def test_gpu_check_launch_passes_the_plugin_parameters(built, monkeypatch):
-    """AotKernel (tools/gpu_check.py) packs kernelParams exactly per the metadata: decode them back."""
-    import torch
-
-    from samba_edge.tools import gpu_check
+@pytest.mark.parametrize("route", ["python", "aot_impl"])
+def test_launcher_passes_the_plugin_parameters(built, monkeypatch, route):
+    """plugins/trt_launch.py (what the TensorRT plugins' enqueue and tools/gpu_check.py call) launches
+    each kernel of the op with the grid, block, shared memory and parameters its metadata prescribes."""
+    from samba_edge.plugins import trt_launch
 
     kdir, index, _ = built
-    rec = json.loads((kdir / index["archs"]["sm_90"]["kernels"]["swa_attention"]["files"]["meta"]).read_text())
     fake = _FakeDriver()
-    fake.arg_types = [a["type"] for a in rec["args"]]
-    monkeypatch.setattr(gpu_check, "_driver", lambda: fake)
+    monkeypatch.setattr(trt_launch, "_driver", lambda: fake)
+    monkeypatch.setattr(trt_launch, "_functions", {})
+    trt_launch.set_kernels_dir(kdir)
     b, H, G, T, hs, W = 2, 12, 4, 37, 128, 2048
-    t = {"q": torch.zeros(b, H, T, hs), "k": torch.zeros(b, G, T, hs), "v": torch.zeros(b, G, T, hs),
-         "k_window": torch.zeros(b, G, W - 1, hs), "v_window": torch.zeros(b, G, W - 1, hs),
-         "start_pos": torch.zeros(b, dtype=torch.long), "y": torch.zeros(b, H, T, hs)}
-    k = gpu_check.AotKernel(kdir, rec, "ptx")
-    k.launch(t, {"window": W, "scale": 0.125}, stream=0)
-    (launch,) = fake.launches
-    assert launch["f"] == b"swa_fwd_kernel" and launch["grid"] == (3, b * H, 1)
-    assert launch["block"] == (rec["num_warps"] * 32, 1, 1) and launch["shared"] == rec["shared_mem_bytes"]
-    assert launch["extra"] == 0
-    got = launch["values"]
-    want = [t[n].data_ptr() for n in ("q", "k", "v", "k_window", "v_window", "start_pos", "y")]
-    want += [H, G, T, W, W - 1, 0.125, 0, 0]
-    assert got == want
+    ins, outs = [1024 * (i + 1) for i in range(6)], [1024 * (i + 10) for i in range(3)]
+    try:
+        trt_launch.launch_sliding_window_attention(ins, outs, batch=b, num_heads=H, num_kv_heads=G, seq=T,
+                                                   head_size=hs, window_rows=W - 1, window=W, scale=0.125,
+                                                   half=False, stream=7, route=route)
+        trt_launch.launch_selective_scan(ins[:1] * 9, outs[:2], batch=b, d_inner=3072, d_state=16, seq=T,
+                                         delta_softplus=1, stream=7, route=route)
+    finally:
+        trt_launch.set_kernels_dir(None)
+    assert fake.images and all(im[:4] == b"\x7fELF" for im in fake.images)     # sm_90's cubins, not PTX
+    if route == "python":
+        attn, upd, scan = fake.launches
+        assert attn["f"] == b"swa_fwd_kernel" and attn["grid"] == (3, b * H, 1)
+        assert attn["values"] == ins + outs[:1] + [H, G, T, W, W - 1, 0.125, 0, 0]
+        assert upd["f"] == b"swa_window_update_kernel" and upd["grid"] == (-(-(W - 1) // 32), b * G, 1)
+        assert upd["values"] == ins[1:5] + outs[1:] + [T, W - 1, 0, 0]
+    else:
+        attn, scan = fake.launches
+        assert attn["f"] == b"swa_qdp_kernel" and attn["grid"] == (3 + -(-(W - 1) // 32), b * H, 1)
+        assert attn["values"] == ins + [H, G, T, W, W - 1, b * G] + outs + [0, 0]
+    assert scan["f"] == (b"selective_scan_fwd_kernel" if route == "python" else b"selective_scan_qdp_kernel")
+    assert scan["grid"] == (3072 // 32, b, 1)
+    io = (ins[:1] * 9, outs[:2])
+    assert scan["values"] == (io[0] + io[1] + [3072, T, 0, 0] if route == "python" else io[0] + [3072, T] + io[1] + [0, 0])
+    for launch in fake.launches:
+        rec_name = {v["entry"]: k for k, v in index["archs"]["sm_90"]["kernels"].items()}[launch["f"].decode()]
+        rec = json.loads((kdir / index["archs"]["sm_90"]["kernels"][rec_name]["files"]["meta"]).read_text())
+        assert launch["block"] == (rec["num_warps"] * 32, 1, 1) and launch["shared"] == rec["shared_mem_bytes"]
+        assert launch["stream"] == 7 and launch["extra"] == 0
+        assert len(launch["types"]) == len(rec["args"])
 
 
 def test_export_ships_kernels(cache, tmp_path):

@@ -416,3 +416,26 @@ def test_plugin_routes(plugin_build, exports, tmp_path):
         assert not (tmp_path / "aot").exists()
     with pytest.raises(SambaEdgeError, match="plugin-route"):
         build_engine(exports["plugin"], tmp_path / "x", plugin_route="cuda", progress=False)
+
+
+def test_validate_trt_runner_needs_an_engine_of_this_artifact(plugin_build, exports, tmp_path):
+    import shutil
+
+    pytest.importorskip("polygraphy")
+    from samba_edge.tools.doctor import check_cuda
+    from samba_edge.tools.validate import validate
+
+    with pytest.raises(SambaEdgeError, match="--engine"):
+        validate(str(exports["plugin"]), backends=("trt",), steps=1, chunks=(1, 7))
+    other = tmp_path / "other"                                    # a consistent engine dir of other weights
+    shutil.copytree(plugin_build[0], other)
+    for f, path in (("manifest.json", ["fingerprint"]), ("engine.json", ["artifact", "fingerprint"])):
+        d = json.loads((other / f).read_text())
+        (d if len(path) == 1 else d[path[0]])[path[-1]] = "f" * 64
+        (other / f).write_text(json.dumps(d))
+    with pytest.raises(SambaEdgeError, match="other weights"):
+        validate(str(exports["plugin"]), backends=("trt",), steps=1, chunks=(1, 7), engine=str(other))
+    if not check_cuda()[1].get("gpus"):
+        with pytest.raises(SambaEdgeError, match="no CUDA GPU"):
+            validate(str(exports["plugin"]), backends=("ort", "trt"), steps=1, chunks=(1, 7),
+                     engine=str(plugin_build[0]))

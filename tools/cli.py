@@ -264,7 +264,7 @@ def build(export_dir: str, engine_dir: str, max_chunk: Optional[int], max_batch:
 @click.option("--percentile", default=99.99, show_default=True, help="for --method percentile")
 @click.option("--quantize-head", is_flag=True, help="also quantise the (tied) output head (default: fp32)")
 @click.option("--exclude", multiple=True, help="keep GEMMs whose label matches this glob in fp32 (repeatable; "
-              "labels look like h.0.in_proj, h.0.attn.dt_proj, h.1.attn.qkv, h.1.attn.proj, h.2.mlp.w3)")
+              "labels look like h.0.attn.in_proj, h.0.attn.dt_proj, h.1.attn.qkv, h.1.attn.proj, h.2.mlp.w3)")
 @click.option("--force", is_flag=True, help="replace an existing output directory")
 def calibrate(export_dir: str, out: str, texts: tuple, token_ids: Optional[str], samples: int, chunk: Optional[int],
               method: str, percentile: float, quantize_head: bool, exclude: tuple, force: bool) -> None:
