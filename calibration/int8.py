@@ -178,6 +178,7 @@ def calibrate(export_dir: str | Path, out: str | Path, texts: Sequence[str] = ()
     import onnx
 
     from samba_edge.export.checkpoint import atomic_dir, check_output
+    from samba_edge.export.onnx_export import is_large, save_onnx
     from samba_edge.runtime.backends import OrtBackend
     from samba_edge.tools.evaluate import check_token_ids, load_token_ids
 
@@ -236,6 +237,7 @@ def calibrate(export_dir: str | Path, out: str | Path, texts: Sequence[str] = ()
     if include_head:
         _untie_head(proto, next(n for n, lab in labels.items() if lab == "lm_head"))
 
+    large = is_large(proto)                          # (saving below moves the weights out of `proto`)
     bar = _progress(samples, f"calibrating ({method})") if progress else None
     with tempfile.TemporaryDirectory(prefix="samba-edge-calib-") as tmp:
         tmp = Path(tmp)
@@ -260,7 +262,7 @@ def calibrate(export_dir: str | Path, out: str | Path, texts: Sequence[str] = ()
                 calibration_cache_path=str(tmp / "ranges.json"), calibrate_method=_method_enum(q, method),
                 quant_format=q.QuantFormat.QDQ, activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
                 per_channel=True, op_types_to_quantize=["MatMul"], nodes_to_quantize=sorted(chosen),
-                use_external_data_format=False,
+                use_external_data_format=large,
                 # GEMM inputs only: an int8 round trip on the outputs would quantise delta, B, C and the
                 # residual updates too (and TensorRT's int8 GEMMs emit float anyway)
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
@@ -268,7 +270,8 @@ def calibrate(export_dir: str | Path, out: str | Path, texts: Sequence[str] = ()
         finally:
             logging.getLogger().setLevel(level)
         qproto = onnx.load(str(tmp / "model.onnx"))
-    n_q = sum(1 for n in qproto.graph.node if n.op_type == "QuantizeLinear")
+    if not any(n.op_type == "QuantizeLinear" for n in qproto.graph.node):
+        raise SambaEdgeError("the quantiser inserted no Q/DQ pairs; is this a samba-edge export?")
     record = {"method": method, "percentile": percentile if method == "percentile" else None,
               "samples": samples, "chunk": chunk, "tokens": need, "data": data_desc,
               "scheme": "int8 symmetric, zero point 0; weights per output channel; activations per tensor",
@@ -279,9 +282,7 @@ def calibrate(export_dir: str | Path, out: str | Path, texts: Sequence[str] = ()
     onnx.helper.set_model_props(qproto, {**{p.key: p.value for p in qproto.metadata_props},
                                          "samba_edge.dtype": "int8"})
     with atomic_dir(out, force) as tmp_out:
-        onnx.save_model(qproto, str(tmp_out / manifest.onnx_file))
-        if n_q == 0:
-            raise SambaEdgeError("the quantiser inserted no Q/DQ pairs; is this a samba-edge export?")
+        save_onnx(qproto, tmp_out / manifest.onnx_file)
         for f in src.iterdir():                      # tokenizer, kernels, ... (not the graph or its data)
             if f.name in (manifest.onnx_file, f"{manifest.onnx_file}.data", "manifest.json"):
                 continue

@@ -23,8 +23,8 @@ from samba_edge.runtime.manifest import Manifest, StateSpec, TensorSpec
 FLAVORS = ("plugin", "portable")
 DTYPES = {"fp32": "float32", "fp16": "float16"}    # --dtype -> manifest dtype (int8 comes from `calibrate`)
 MIN_OPSET, DEFAULT_OPSET = 18, 18
-EXTERNAL_DATA_BYTES = 256 * 2**20
-SCOPE_KEY = "pkg.torch.onnx.name_scopes"     # node metadata: the nn.Module path that produced the node          # larger weights go to model.onnx.data (protobuf caps at 2 GiB)
+EXTERNAL_DATA_BYTES = 256 * 2**20           # larger weights go to model.onnx.data (protobuf caps at 2 GiB)
+SCOPE_KEY = "pkg.torch.onnx.name_scopes"     # node metadata: the nn.Module path that produced the node
 
 
 def _source(checkpoint: str) -> str:
@@ -43,6 +43,18 @@ def weights_fingerprint(state_dict) -> str:
         h.update(f"{k}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def is_large(proto) -> bool:
+    return sum(len(t.raw_data) for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
+
+
+def save_onnx(proto, path: Path) -> None:
+    """model.onnx, with the weights in model.onnx.data beside it when they are large."""
+    import onnx
+
+    onnx.save_model(proto, str(path), save_as_external_data=is_large(proto), all_tensors_to_one_file=True,
+                    location=f"{path.name}.data", size_threshold=1024)
 
 
 def build_manifest(cfg, flavor: str, opset: int, max_chunk: int, logits: str, fingerprint: str,
@@ -174,9 +186,7 @@ def export_onnx(checkpoint: str, out: str | Path, flavor: str = "plugin", config
     onnx.helper.set_model_props(proto, {"samba_edge.fingerprint": manifest.fingerprint, "samba_edge.flavor": flavor,
                                         "samba_edge.dtype": manifest.dtype})
     with atomic_dir(out, force) as tmp:
-        large = sum(len(t.raw_data) for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
-        onnx.save_model(proto, str(tmp / "model.onnx"), save_as_external_data=large, all_tensors_to_one_file=True,
-                        location="model.onnx.data", size_threshold=1024)
+        save_onnx(proto, tmp / "model.onnx")
         onnx.checker.check_model(str(tmp / "model.onnx"), full_check=True)
         if flavor == "plugin" and importlib.util.find_spec("triton") is not None:   # AOT GPU kernels
             from samba_edge.plugins.aot import INDEX, KERNELS_DIR, write_kernels
