@@ -137,7 +137,7 @@ def evaluate(checkpoint: str, text: Optional[str] = None, token_ids: Optional[st
     else:
         tok = model.tokenizer or load_tokenizer(model.backend.directory, tokenizer)   # explains what is missing
         docs, n_bytes = document_ids(tok, [body])
-    if max_tokens is not None:
+    if max_tokens is not None and docs:
         if n_bytes is not None:                    # bytes of the scored prefix only
             n_bytes = len(tok.decode(docs[0][1:max_tokens].tolist()).encode("utf-8"))
         docs = [docs[0][:max_tokens]]
