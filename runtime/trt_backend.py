@@ -15,8 +15,9 @@
 * Before anything touches CUDA or deserialises the engine, the engine directory is checked against
   its manifest, this TensorRT and this GPU: a mismatch is a one-line error, never a C++ abort.
 
-STATUS: the checks run on CPU in CI (tests/test_trt_backend.py); everything from deserialisation on
-has NOT run anywhere yet (no GPU was available): see the closing notes / docs/jetson.md.
+STATUS: the checks run on CPU in CI (tests/test_trt_build.py), and so does everything after
+deserialisation against a simulated CUDA runtime and execution context (tests/test_trt_backend_sim.py);
+real TensorRT + CUDA have NOT run it yet (no GPU was available): docs/jetson.md.
 """
 from __future__ import annotations
 
@@ -129,13 +130,18 @@ class TrtBackend:
 
             register_plugins()                                 # before deserialisation, every process
             set_kernels_dir(self.directory)                    # kernels/ was copied in by `build`
-        self.cu = _cudart()
+        cudart = _cudart()
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine((self.directory / self.meta["engine_file"]).read_bytes())
         if self.engine is None:
             raise SambaEdgeError(f"TensorRT could not load {engine_dir} (see its log above); rebuild it on this device")
-        self.context = self.engine.create_execution_context()
+        self._attach(self.engine.create_execution_context(), cudart, graphs)
+
+    def _attach(self, context, cudart, graphs: bool) -> None:
+        """Everything after deserialisation: the execution context, a stream, fixed staging buffers.
+        (tests/test_trt_backend_sim.py drives this with a simulated CUDA runtime and context.)"""
+        self.context, self.cu = context, cudart
         self.stream = self._ok(self.cu.cudaStreamCreate(), "cudaStreamCreate")
         self._in = [t.name for t in self.manifest.inputs]
         self._out = [t.name for t in self.manifest.outputs]
