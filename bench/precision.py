@@ -90,25 +90,18 @@ def heldout_docs(tokenizer, max_tokens: int):
 
 
 def greedy(backend, prompt: list[int], n: int):
-    """n greedy tokens, one step each; returns (tokens, number of steps with non-finite logits)."""
-    state = backend.manifest.empty_state(1)
-    logits, state = backend.run(np.asarray([prompt]), np.array([0]), state)
-    toks, bad, pos = [], 0, len(prompt)
-    for _ in range(n):
-        last = logits[0, -1]
-        bad += int(not np.isfinite(last).all())
-        t = int(np.argmax(last))
+    """n greedy tokens through the runtime's own streaming path (one step each; no tokenizer, so no
+    end-of-text stop); returns (tokens, number of steps with non-finite logits or state)."""
+    from samba_edge.runtime import SamplingParams
+    from samba_edge.runtime.session import Model
+
+    s = Model(backend).new_stream()
+    toks, bad = [], int(not np.isfinite(s.feed(prompt)).all())
+    for t in s.generate_ids(SamplingParams(max_new_tokens=n)):
         toks.append(t)
-        logits, state = backend.run(np.asarray([[t]]), np.array([pos]), state)
-        pos += 1
-    bad += int(not all(np.isfinite(s).all() for s in state))
+        bad += int(not np.isfinite(s.last_logits).all())
+    bad += int(not all(np.isfinite(x).all() for x in backend.state_to_host(s.state)))
     return toks, bad
-
-
-def forced_top1(backend, ids: np.ndarray, chunk: int) -> np.ndarray:
-    from samba_edge.tools.evaluate import stream_scores
-
-    return stream_scores(backend, ids, chunk)[1]
 
 
 def main(argv=None) -> int:
@@ -126,7 +119,7 @@ def main(argv=None) -> int:
     from samba_edge.export.onnx_export import export_onnx
     from samba_edge.runtime.backends import OrtBackend
     from samba_edge.runtime.tokenizer import load_tokenizer
-    from samba_edge.tools.evaluate import score_ids
+    from samba_edge.tools.evaluate import score_ids, stream_scores
 
     work = Path(args.work or tempfile.mkdtemp(prefix="samba-edge-precision-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -169,7 +162,7 @@ def main(argv=None) -> int:
     ref = seq[len(prompt):]                     # fp32's greedy choices = fp32's top-1 at those positions
     edges = [b for b in BUCKETS if b < n] + [n]
     for name in ("fp16", variants[0][0]):
-        top1 = forced_top1(be[name], seq, 256)[len(prompt) - 1:]
+        top1 = stream_scores(be[name], seq, 256)[1][len(prompt) - 1:]
         agree = top1[:n] == ref
         stab[name]["first_free_running_divergence"] = next(
             (i for i, (a, b) in enumerate(zip(gen[name], gen["fp32"])) if a != b), None)

@@ -21,9 +21,11 @@ See docs/kernels.md for which PTX version targets which JetPack / driver.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
+import operator
 import os
 import re
 import shutil
@@ -459,23 +461,22 @@ def eval_grid(record: dict, shapes: dict[str, tuple]) -> tuple[int, int, int]:
 
 def arg_values(record: dict, pointers: dict[str, int], shapes: dict[str, tuple], attributes: dict) -> list:
     """(type, value) per kernel parameter, in order: device pointers by contract name, shape
-    values, attributes, and 0 (null) for Triton's trailing scratch pointers."""
+    values, attributes, and 0 (null) for Triton's trailing scratch pointers. Shapes may be symbolic
+    (TensorRT shape expressions, plugins/trt_qdp.py); pointers may then be left out (None)."""
     out = []
     for a in record["args"]:
         v = a["value"]
         kind = v["kind"]
         if kind in ("input", "output"):
-            val = pointers[v["name"]]
+            val = pointers.get(v["name"])
         elif kind == "shape":
             val = shapes[v["tensor"]][v["axis"]]
         elif kind == "attribute":
             val = attributes[v["name"]]
         elif kind == "null":
             val = 0
-        elif kind == "product":                          # e.g. batch * kv groups
-            val = 1
-            for d in v["of"]:
-                val *= shapes[d["tensor"]][d["axis"]]
+        elif kind == "product":                          # e.g. batch * kv groups (works on symbolic dims too)
+            val = functools.reduce(operator.mul, (shapes[d["tensor"]][d["axis"]] for d in v["of"]))
         else:
             raise ValueError(f"unknown argument kind {kind!r}")
         out.append((a["type"], val))

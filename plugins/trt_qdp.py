@@ -72,30 +72,18 @@ def _records(artifact: Path, sm: str) -> dict[str, tuple[dict, bytes]]:
 
 
 def _launch(trtp, rec: dict, ptx: bytes, descs: dict, attrs: dict):
-    """(kernel name, PTX, KernelLaunchParams, extra args) from a kernel record, symbolically."""
-    from samba_edge.plugins.aot import eval_grid_expr
+    """(kernel name, PTX, KernelLaunchParams, extra args) from a kernel record, symbolically: the same
+    grid formulas and argument values (aot.eval_grid_expr / aot.arg_values) as the Python launcher,
+    over TensorRT shape expressions. TensorRT passes the pointers itself; the int32 values are the extra args."""
+    from samba_edge.plugins.aot import arg_values, eval_grid_expr
 
-    def dim(v):
-        return descs[v["tensor"]].shape_expr[v["axis"]]
-
-    names = {n: dim(v) for n, v in rec["grid_vars"].items()}
-    grid = [eval_grid_expr(e, names, cdiv=trtp.cdiv) for e in rec["grid"]]
+    shapes = {name: d.shape_expr for name, d in descs.items()}
+    names = {n: shapes[v["tensor"]][v["axis"]] for n, v in rec["grid_vars"].items()}
     lp = trtp.KernelLaunchParams()
-    lp.grid_x, lp.grid_y, lp.grid_z = grid
+    lp.grid_x, lp.grid_y, lp.grid_z = (eval_grid_expr(e, names, cdiv=trtp.cdiv) for e in rec["grid"])
     lp.block_x, lp.block_y, lp.block_z = rec["block"]
     lp.shared_mem = int(rec["shared_mem_bytes"])
-    extra = []
-    for a in rec["args"]:
-        v = a["value"]
-        if v["kind"] == "shape":
-            extra.append(trtp.SymInt32(dim(v)))
-        elif v["kind"] == "attribute":
-            extra.append(trtp.SymInt32(int(attrs[v["name"]])))
-        elif v["kind"] == "product":
-            val = dim(v["of"][0])
-            for d in v["of"][1:]:
-                val = val * dim(d)
-            extra.append(trtp.SymInt32(val))
+    extra = [trtp.SymInt32(val) for ty, val in arg_values(rec, {}, shapes, attrs) if ty == "i32"]
     return rec["entry"], ptx, lp, trtp.SymIntExprs.from_tuple(extra)
 
 

@@ -233,7 +233,8 @@ def validate(artifact: str, reference: str = "torch", backends: Sequence[str] = 
                     first = {"step": step, "layer": _layer_of(name, man), "tensor": name, "backend": r.name}
     passed = bool(verdict) and all(r["passed"] for r in rows)
     report = {"artifact": str(art), "reference": ref_spec, "flavor": man.flavor, "dtype": man.dtype,
-              "atol": atol, "rtol": rtol, "check_error_stat": stat, "steps": steps, "chunks": list(chunks), "batch": batch, "seed": seed,
+              "atol": atol, "rtol": rtol, "check_error_stat": stat, "steps": steps, "chunks": list(chunks),
+              "batch": batch, "seed": seed,
               "tokens": int(pos[0]), "window": man.window, "passed": passed, "rows": rows}
     if bisect:
         report["first_divergence"] = first
