@@ -239,13 +239,17 @@ class TrtBackend:
             self.context.set_tensor_address(name, ptr)
         if t == 1 and self.use_graphs:
             self._launch_graph((b, *bound))
-        elif not self.context.execute_async_v3(int(self.stream)):
-            raise SambaEdgeError("TensorRT failed to run the engine (see its log above)")
+        else:
+            self._execute()
         logits = np.empty(tuple(self.context.get_tensor_shape(self._out[0])), np.float32)
         self._copy(logits.ctypes.data, self.logits_buf, logits.nbytes, "DeviceToHost")
         self._sync()
         st.swap()
         return logits, (self.state_to_host(st) if host else st)
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(int(self.stream)):
+            raise SambaEdgeError("TensorRT failed to run the engine (see its log above)")
 
     def _launch_graph(self, key: tuple) -> None:
         """Replay the decode step's CUDA graph for these bindings; capture it on first use (after one
@@ -253,8 +257,7 @@ class TrtBackend:
         cu = self.cu
         exe = self._graphs.get(key)
         if exe is None:
-            if not self.context.execute_async_v3(int(self.stream)):
-                raise SambaEdgeError("TensorRT failed to run the engine (see its log above)")
+            self._execute()
             self._sync()
             mode = cu.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
             self._ok(cu.cudaStreamBeginCapture(self.stream, mode), "cudaStreamBeginCapture")
