@@ -68,7 +68,7 @@ def build_manifest(cfg, flavor: str, opset: int, max_chunk: int, logits: str, fi
     inputs += [TensorSpec(s.name, s.dtype, ["batch", *s.shape]) for s in state]
     outputs = [TensorSpec("logits", "float32", ["batch", "seq" if logits == "all" else 1, cfg.padded_vocab_size])]
     outputs += [TensorSpec(s.output, s.dtype, ["batch", *s.shape]) for s in state]
-    custom = [{"name": op, "domain": "samba", "plugin_version": "1"}
+    custom = [{"name": op, "domain": "samba", "plugin_version": "1", "plugin_namespace": "samba"}
               for op in ("SelectiveScan", "SlidingWindowAttention")] if flavor == "plugin" else []
     return Manifest(model=cfg.to_dict(), flavor=flavor, dtype=dtype, opset=opset, max_chunk=max_chunk,
                     logits=logits, inputs=inputs, outputs=outputs, state=state, fingerprint=fingerprint,

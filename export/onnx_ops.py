@@ -15,6 +15,8 @@ from samba_edge.export.config import SambaConfig
 
 DOMAIN = "samba"
 PLUGIN_VERSION = "1"
+# TensorRT < 10.10 (JetPack 6 = 10.3) takes a plugin's namespace from this attribute only (never the domain)
+PLUGIN_NAMESPACE = DOMAIN
 _A = onnx.defs.OpSchema.AttrType
 
 _SPECS = {
@@ -23,13 +25,13 @@ _SPECS = {
                 ("delta_bias", "T"), ("ssm_state", "T")],
         outputs=[("y", "T"), ("ssm_state_out", "T")],
         types=[("T", ["tensor(float)"])],                     # the scan and its state are fp32, always
-        attrs=[("plugin_version", _A.STRING), ("delta_softplus", _A.INT), ("d_inner", _A.INT), ("d_state", _A.INT)]),
+        attrs=[("plugin_version", _A.STRING), ("plugin_namespace", _A.STRING), ("delta_softplus", _A.INT), ("d_inner", _A.INT), ("d_state", _A.INT)]),
     "SlidingWindowAttention": dict(
         inputs=[("q", "T"), ("k", "T"), ("v", "T"), ("k_window", "S"), ("v_window", "S"), ("start_pos", "I")],
         outputs=[("y", "T"), ("k_window_out", "S"), ("v_window_out", "S")],
         types=[("T", ["tensor(float)", "tensor(float16)"]), ("S", ["tensor(float)", "tensor(float16)"]),
                ("I", ["tensor(int64)"])],
-        attrs=[("plugin_version", _A.STRING), ("window", _A.INT), ("scale", _A.FLOAT), ("num_heads", _A.INT),
+        attrs=[("plugin_version", _A.STRING), ("plugin_namespace", _A.STRING), ("window", _A.INT), ("scale", _A.FLOAT), ("num_heads", _A.INT),
                ("num_kv_heads", _A.INT), ("head_size", _A.INT)]),
 }
 
@@ -44,13 +46,14 @@ def register_schemas() -> None:
             name, DOMAIN, 1, doc=f"samba-edge {name}; contract in docs/op-contracts.md",
             inputs=[F(n, t) for n, t in s["inputs"]], outputs=[F(n, t) for n, t in s["outputs"]],
             type_constraints=[(t, allowed, "") for t, allowed in s["types"]],
-            attributes=[onnx.defs.OpSchema.Attribute(a, ty, "", required=True) for a, ty in s["attrs"]]))
+            attributes=[onnx.defs.OpSchema.Attribute(a, ty, "", required=a != "plugin_namespace")   # older exports lack it
+                        for a, ty in s["attrs"]]))
 
 
 def op_attributes(cfg: SambaConfig) -> dict[str, dict]:
     return {
-        "SelectiveScan": dict(plugin_version=PLUGIN_VERSION, delta_softplus=1, d_inner=cfg.d_inner, d_state=cfg.d_state),
-        "SlidingWindowAttention": dict(plugin_version=PLUGIN_VERSION, window=cfg.local_window,
+        "SelectiveScan": dict(plugin_version=PLUGIN_VERSION, plugin_namespace=PLUGIN_NAMESPACE, delta_softplus=1, d_inner=cfg.d_inner, d_state=cfg.d_state),
+        "SlidingWindowAttention": dict(plugin_version=PLUGIN_VERSION, plugin_namespace=PLUGIN_NAMESPACE, window=cfg.local_window,
                                        scale=cfg.head_size ** -0.5, num_heads=cfg.n_head,
                                        num_kv_heads=cfg.n_query_groups, head_size=cfg.head_size),
     }

@@ -1,69 +1,46 @@
 """Plain launchers for the AOT-compiled Triton kernels (plugins/aot.py), called by the TensorRT
-plugins' `enqueue` (plugins/trt_plugins.py) and usable from any CUDA code path that has device pointers.
+plugins' `enqueue` (plugins/trt_plugins.py) and by tools/gpu_first_run.py.
 
-    launch_selective_scan(inputs, outputs, batch=, d_inner=, d_state=, seq=, delta_softplus=, stream=)
-    launch_sliding_window_attention(inputs, outputs, batch=, ..., half=False, stream=)
+    kernels = KernelSet.open(artifact_or_engine_dir)      # reads kernels/ once; kernels.key: content hash
+    scan = Launcher(kernels, "SelectiveScan")             # per plugin instance (one per execution context)
+    launch_selective_scan(scan, inputs, outputs, batch=, d_inner=, d_state=, seq=, delta_softplus=, stream=)
+    launch_sliding_window_attention(swa, inputs, outputs, batch=, ..., half=False, stream=)
+
+Kernels are bound to the plugin that needs them, never to the process: a plugin carries its
+KernelSet's content key (a serialized field, so an engine names its own kernels), and
+`KernelSet.by_key(key)` finds the set the builder or the TensorRT backend opened. Two engines with
+different kernels (fp16 beside fp32, another head size) in one process each launch their own.
+
+What enqueue costs: the first launch of a Launcher queries the device once (context, compute
+capability), picks each kernel's image and loads it (modules are shared per context by the
+KernelSet); every later launch is the argument packing and cuLaunchKernel only: no disk I/O, no
+driver queries. Real TensorRT calls enqueue during the build to time tactics, with build-time
+buffers: the launch then needs nothing but the plugin object itself.
+
+Image choice per kernel (`Launcher.loaded` says which): the cubin of the device's exact arch ->
+that arch's PTX (JIT by the driver) -> the portable PTX (the lowest arch's non-"a" PTX, index field
+`portable_ptx`), which any newer GPU's driver can JIT. `image="cubin" | "ptx" | "portable"` forces one.
 
 `route="aot_impl"` launches the single-kernel entry points that the tensorrt.plugin route embeds
-(plugins/trt_qdp.py) instead, so tools/gpu_check.py verifies both routes' kernels with this code.
+(plugins/trt_qdp.py), so tools/gpu_first_run.py verifies both routes' kernels with this code.
+`inputs` / `outputs` are device pointers (ints) in the op contract's order (docs/op-contracts.md).
 
-`inputs` / `outputs` are device pointers (ints) in the op contract's order (docs/op-contracts.md),
-`shapes` maps the contract's tensor names (u, q, k, k_window, ...) to their dims, `attrs` holds the
-node attributes, `stream` is a CUDA stream handle (int). Kernels come from the artifact's
-`kernels/kernels.json` index and the per-kernel JSON records beside it (entry name, block, shared
-memory, grid formula, exact argument order with where each value comes from); they are loaded with
-`cuda.bindings.driver` (cuModuleLoadData: the cubin when its arch equals the device's, else the PTX
-for the driver to JIT), looked up with cuModuleGetFunction and launched with cuLaunchKernel.
-
-Where the kernels are: `set_kernels_dir(artifact_dir)` (the TensorRT backend calls it before loading
-an engine), else $SAMBA_EDGE_KERNELS (an artifact dir or its kernels/ dir). Missing index, arch or
-kernel -> SambaEdgeError naming the fix; nothing is faked.
-
-STATUS: written against plugins/aot.py's record format; never executed on a GPU in this repo's CI.
+STATUS: written against plugins/aot.py's record format; run in CI with a fake driver only.
 """
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
-import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from samba_edge.runtime.errors import SambaEdgeError
 
 INDEX = "kernels.json"
-_kernels_dir: Optional[Path] = None
-_lock = threading.Lock()
-_functions: dict[tuple, Any] = {}        # (context, file) -> (module, {entry: function})
-_image: Optional[str] = None             # None: the cubin when its arch is the device's, else PTX
-
-
-def set_kernels_dir(path: str | Path | None) -> None:
-    """Point the launchers at an artifact (or its kernels/ folder)."""
-    global _kernels_dir
-    _kernels_dir = None if path is None else Path(path)
-
-
-def set_image(image: Optional[str]) -> None:
-    """Force "cubin" or "ptx" (driver JIT) images, e.g. to check both on a device; None = automatic."""
-    global _image
-    if image not in (None, "cubin", "ptx"):
-        raise ValueError(f"image must be None, 'cubin' or 'ptx', got {image!r}")
-    _image = image
-
-
-def _index_path() -> Path:
-    base = _kernels_dir or (Path(os.environ["SAMBA_EDGE_KERNELS"]) if os.environ.get("SAMBA_EDGE_KERNELS") else None)
-    if base is None:
-        raise SambaEdgeError("the samba.* TensorRT plugins have no kernels: call "
-                             "samba_edge.plugins.trt_launch.set_kernels_dir(ARTIFACT) or set SAMBA_EDGE_KERNELS "
-                             "to a plugin-flavour export that contains kernels/kernels.json")
-    for cand in (base / "kernels" / INDEX, base / INDEX):
-        if cand.is_file():
-            return cand
-    raise SambaEdgeError(f"{base} has no kernels/{INDEX} (the AOT-compiled Triton kernels): re-export the "
-                         "artifact with --flavor plugin using a samba-edge that writes kernels")
+IMAGES = (None, "cubin", "ptx", "portable")
 
 
 def _driver():
@@ -82,62 +59,124 @@ def cuda_check(result, what: str, error: type = RuntimeError):
     return rest[0] if len(rest) == 1 else (tuple(rest) if rest else None)
 
 
-def _device_sm(driver) -> str:
-    dev = cuda_check(driver.cuCtxGetDevice(), "cuCtxGetDevice")
-    a = driver.CUdevice_attribute
-    major = cuda_check(driver.cuDeviceGetAttribute(a.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cuDeviceGetAttribute")
-    minor = cuda_check(driver.cuDeviceGetAttribute(a.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "cuDeviceGetAttribute")
-    return f"sm_{major}{minor}"
+def _sm_number(sm: str) -> int:
+    return int(sm.removeprefix("sm_").rstrip("a"))
 
 
-def _records(op: str, route: str = "python") -> tuple[Path, list[dict]]:
-    """(kernels dir, the op's kernel records in launch order) for the current device's arch."""
-    driver = _driver()
-    index_path = _index_path()
-    index = json.loads(index_path.read_text())
-    root = index_path.parent
-    sm = _device_sm(driver)
-    arch = index.get("archs", {}).get(sm)
-    if arch is None:
-        raise SambaEdgeError(f"{index_path} has no kernels for this GPU ({sm}); it has "
-                             f"{', '.join(index.get('archs', {})) or 'none'}: re-export on a samba-edge that targets {sm}")
-    names = index.get("ops", {}).get(op, []) if route == "python" else [index.get("aot_impl", {}).get(op)]
-    names = [n for n in names if n]
-    recs = []
-    for name in names:
-        k = arch["kernels"].get(name)
-        if k is None:
-            errs = [e for e in index.get("errors", []) if e.startswith(f"{name} for {sm}")]
-            raise SambaEdgeError(f"kernel {name} for {sm} is missing from {index_path}"
-                                 + (f" (compile error at export: {errs[0]})" if errs else ""))
-        rec = json.loads((root / k["files"]["meta"]).read_text())
-        rec["files"] = k["files"]
-        recs.append(rec)
-    if not recs:
-        raise SambaEdgeError(f"{index_path} lists no kernels for samba.{op}")
-    return root, sorted(recs, key=lambda r: arch["kernels"][r["kernel"]].get("launch_order", 0))
+@dataclass(frozen=True)
+class Image:
+    kind: str                       # "cubin" | "ptx" | "portable"
+    arch: str                       # the arch the image was compiled for
+    data: bytes
+
+    def describe(self) -> str:
+        return {"cubin": f"cubin {self.arch}", "ptx": f"PTX {self.arch} (driver JIT)",
+                "portable": f"portable PTX {self.arch} (driver JIT)"}[self.kind]
 
 
-def _function(driver, root: Path, rec: dict, sm: str):
-    ctx = int(cuda_check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent"))
-    use_cubin = "cubin" in rec["files"] and rec["arch"] == sm and _image != "ptx"
-    if _image == "cubin" and not use_cubin:
-        raise SambaEdgeError(f"no cubin of {rec['entry']} for {sm} (set_image('ptx') to JIT the PTX)")
-    f = rec["files"]["cubin" if use_cubin else "ptx"]
-    key = (ctx, str(root / f), rec["entry"])
-    with _lock:
-        if key not in _functions:
-            data = (root / f).read_bytes()
-            if not use_cubin:
-                data += b"\0"
-            mod = cuda_check(driver.cuModuleLoadData(data), f"cuModuleLoadData({f})")
-            fn = cuda_check(driver.cuModuleGetFunction(mod, rec["entry"].encode()), f"cuModuleGetFunction({rec['entry']})")
-            if rec.get("needs_shared_mem_opt_in"):
-                cuda_check(driver.cuFuncSetAttribute(
-                    fn, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    int(rec["shared_mem_bytes"])), "cuFuncSetAttribute")
-            _functions[key] = (mod, fn)
-        return _functions[key][1]
+class KernelSet:
+    """An artifact's kernels/ folder, read once: the index, every record and every image."""
+
+    _open: dict[str, "KernelSet"] = {}          # key -> set: content-addressed, so sets never collide
+    _open_lock = threading.Lock()
+
+    def __init__(self, path: str | Path) -> None:
+        base = Path(path)
+        index_path = next((c for c in (base / "kernels" / INDEX, base / INDEX) if c.is_file()), None)
+        if index_path is None:
+            raise SambaEdgeError(f"{base} has no kernels/{INDEX} (the AOT-compiled Triton kernels): re-export the "
+                                 "artifact with --flavor plugin using a samba-edge that writes kernels")
+        self.root = index_path.parent
+        raw = index_path.read_bytes()
+        try:
+            self.index = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise SambaEdgeError(f"{index_path} is not valid JSON ({e}); re-export the artifact") from None
+        digest = hashlib.sha256(raw)
+        self.records: dict[tuple[str, str], dict] = {}          # (sm, kernel) -> record
+        self.files: dict[str, bytes] = {}
+        for sm, arch in sorted(self.index.get("archs", {}).items()):
+            for name, k in sorted(arch.get("kernels", {}).items()):
+                try:
+                    meta = (self.root / k["files"]["meta"]).read_bytes()
+                    for f in k["files"].values():
+                        self.files[f] = (self.root / f).read_bytes()
+                except (OSError, KeyError) as e:
+                    raise SambaEdgeError(f"{self.root}: kernel {name} for {sm} is incomplete ({e}); "
+                                         "re-export the artifact") from None
+                digest.update(meta)
+                digest.update(hashlib.sha256(b"".join(self.files[f] for f in sorted(k["files"].values()))).digest())
+                self.records[(sm, name)] = {**json.loads(meta), "files": k["files"],
+                                            "launch_order": k.get("launch_order", 0)}
+        self.key = digest.hexdigest()[:32]
+        self._functions: dict[tuple, Any] = {}                  # (context, kernel, image) -> (module, function)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: str | Path) -> "KernelSet":
+        """Read `path`'s kernels and make them findable by their key (what plugins serialize)."""
+        ks = cls(path)
+        with cls._open_lock:
+            return cls._open.setdefault(ks.key, ks)
+
+    @classmethod
+    def by_key(cls, key: str) -> "KernelSet":
+        ks = cls._open.get(key)
+        if ks is None:
+            raise SambaEdgeError(f"the samba.* plugin kernels {key[:12]} are not loaded in this process: open the "
+                                 "engine through samba_edge.runtime (open_model), or call "
+                                 "samba_edge.plugins.trt_launch.KernelSet.open(ENGINE_OR_ARTIFACT_DIR) first")
+        return ks
+
+    # ---- choosing ---------------------------------------------------------------------------
+    def kernel_names(self, op: str, route: str) -> list[str]:
+        names = self.index.get("ops", {}).get(op, []) if route == "python" else [self.index.get("aot_impl", {}).get(op)]
+        names = [n for n in names if n]
+        if not names:
+            raise SambaEdgeError(f"{self.root / INDEX} lists no {route}-route kernels for samba.{op}; re-export")
+        return names
+
+    def image(self, name: str, sm: str, force: Optional[str] = None,
+              kinds: tuple = ("cubin", "ptx", "portable")) -> tuple[dict, Image]:
+        """(record, image) of kernel `name` for a device of arch `sm`: exact cubin -> same-arch PTX -> portable PTX
+        (`kinds` narrows the order, `force` picks one)."""
+        portable = self.index.get("portable_ptx")
+        tried = []
+        for kind, arch in (("cubin", sm), ("ptx", sm), ("portable", portable)):
+            if kind not in kinds or force not in (None, kind) or arch is None:
+                continue
+            rec = self.records.get((arch, name))
+            if rec is None or (kind == "ptx" and not rec.get("files", {}).get("ptx")):
+                tried.append(f"{kind} {arch}: none")
+                continue
+            if kind == "portable" and _sm_number(sm) < _sm_number(arch):
+                tried.append(f"portable PTX is {arch}, newer than the device")
+                continue
+            f = rec["files"].get("ptx" if kind != "cubin" else "cubin")
+            if f is None:
+                tried.append(f"{kind} {arch}: none")
+                continue
+            data = self.files[f] if kind == "cubin" else self.files[f] + b"\0"
+            return rec, Image(kind, arch, data)
+        errs = [e for e in self.index.get("errors", []) if e.startswith(f"{name} for {sm}")]
+        raise SambaEdgeError(f"{self.root / INDEX} has no usable image of {name} for this GPU ({sm}; tried "
+                             f"{'; '.join(tried) or 'nothing'}{'; compile error: ' + errs[0] if errs else ''}): "
+                             f"re-export with a samba-edge that targets {sm}")
+
+    def function(self, driver, ctx: int, rec: dict, image: Image):
+        key = (ctx, rec["kernel"], image.kind, image.arch)
+        with self._lock:
+            if key not in self._functions:
+                mod = cuda_check(driver.cuModuleLoadData(image.data), f"cuModuleLoadData({rec['kernel']}, "
+                                 f"{image.describe()})", SambaEdgeError)
+                fn = cuda_check(driver.cuModuleGetFunction(mod, rec["entry"].encode()),
+                                f"cuModuleGetFunction({rec['entry']})", SambaEdgeError)
+                if rec.get("needs_shared_mem_opt_in"):
+                    cuda_check(driver.cuFuncSetAttribute(
+                        fn, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        int(rec["shared_mem_bytes"])), "cuFuncSetAttribute", SambaEdgeError)
+                self._functions[key] = (mod, fn)
+            return self._functions[key][1]
 
 
 def grid_value(expr: str, env: dict[str, int]) -> int:
@@ -148,6 +187,49 @@ def grid_value(expr: str, env: dict[str, int]) -> int:
         return int(eval_grid_expr(expr, env))
     except ValueError as e:
         raise SambaEdgeError(f"{e} in kernels metadata") from None
+
+
+class Launcher:
+    """One op's kernels for one device context: prepared on the first launch, then launch-only."""
+
+    def __init__(self, kernels: KernelSet, op: str, route: str = "python", image: Optional[str] = None) -> None:
+        if image not in IMAGES:
+            raise ValueError(f"image must be one of {IMAGES}, got {image!r}")
+        self.kernels, self.op, self.route, self.force = kernels, op, route, image
+        self._prepared: Optional[list[tuple[dict, Any]]] = None
+        self.loaded: list[str] = []                             # "swa_fwd_kernel: cubin sm_90", ...
+
+    def _prepare(self, driver) -> list[tuple[dict, Any]]:
+        ctx = int(cuda_check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent", SambaEdgeError))
+        dev = cuda_check(driver.cuCtxGetDevice(), "cuCtxGetDevice", SambaEdgeError)
+        a = driver.CUdevice_attribute
+        cc = [cuda_check(driver.cuDeviceGetAttribute(attr, dev), "cuDeviceGetAttribute", SambaEdgeError)
+              for attr in (a.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, a.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)]
+        sm = f"sm_{cc[0]}{cc[1]}"
+        out = []
+        for name in self.kernels.kernel_names(self.op, self.route):
+            rec, image = self.kernels.image(name, sm, self.force)
+            out.append((rec, self.kernels.function(driver, ctx, rec, image)))
+            self.loaded.append(f"{rec['entry']}: {image.describe()}")
+        return sorted(out, key=lambda rf: rf[0]["launch_order"])
+
+    def launch(self, inputs, outputs, shapes: dict, grid_env: dict, attrs: dict, stream: int, half: bool = False):
+        driver = _driver()
+        if self._prepared is None:
+            self._prepared = self._prepare(driver)
+        for rec, fn in self._prepared:
+            want = "*fp16" if half else "*fp32"
+            qtype = next((a["type"] for a in rec["args"] if a["value"].get("name") in ("q", "k")), want)
+            if qtype != want:
+                raise SambaEdgeError(f"{rec['entry']} was compiled for {qtype} activations but the engine feeds "
+                                     f"{want}: re-export with kernels for this dtype")
+            grid = [grid_value(g, grid_env) for g in rec["grid"]]
+            if 0 in grid:
+                continue
+            bx, by, bz = rec["block"]
+            cuda_check(driver.cuLaunchKernel(fn, *grid, bx, by, bz, int(rec["shared_mem_bytes"]), stream,
+                                             _args(rec, inputs, outputs, shapes, attrs), 0),
+                       f"cuLaunchKernel({rec['entry']})", SambaEdgeError)
 
 
 def _args(rec: dict, inputs: Sequence[int], outputs: Sequence[int], shapes: dict, attrs: dict):
@@ -172,40 +254,20 @@ def _args(rec: dict, inputs: Sequence[int], outputs: Sequence[int], shapes: dict
             tuple(ctypes.c_void_p if t.startswith("*") else ctype[t] for t, _ in typed))
 
 
-def _launch(op: str, inputs, outputs, shapes: dict, grid_env: dict, attrs: dict, stream: int,
-            half: bool = False, route: str = "python") -> None:
-    driver = _driver()
-    root, recs = _records(op, route)
-    sm = _device_sm(driver)
-    for rec in recs:
-        want = "*fp16" if half else "*fp32"
-        qtype = next((a["type"] for a in rec["args"] if a["value"].get("name") in ("q", "k")), want)
-        if qtype != want:
-            raise SambaEdgeError(f"{rec['entry']} was compiled for {qtype} activations but the engine feeds {want}: "
-                                 "re-export with kernels for this dtype")
-        grid = [grid_value(g, grid_env) for g in rec["grid"]]
-        if 0 in grid:
-            continue
-        fn = _function(driver, root, rec, sm)
-        bx, by, bz = rec["block"]
-        cuda_check(driver.cuLaunchKernel(fn, *grid, bx, by, bz, int(rec["shared_mem_bytes"]), stream,
-                                     _args(rec, inputs, outputs, shapes, attrs), 0), f"cuLaunchKernel({rec['entry']})")
-
-
-def launch_selective_scan(inputs: Sequence[int], outputs: Sequence[int], *, batch: int, d_inner: int, d_state: int,
-                          seq: int, delta_softplus: int, stream: int, route: str = "python") -> None:
+def launch_selective_scan(launcher: Launcher, inputs: Sequence[int], outputs: Sequence[int], *, batch: int,
+                          d_inner: int, d_state: int, seq: int, delta_softplus: int, stream: int) -> None:
     """samba.SelectiveScan: inputs u, delta, A, B, C, D, z, delta_bias, ssm_state; outputs y, ssm_state_out."""
     if int(delta_softplus) != 1:
         raise SambaEdgeError("SelectiveScan kernels implement delta_softplus=1 only")
     shapes = {"u": (batch, d_inner, seq), "ssm_state": (batch, d_inner, d_state)}
-    _launch("SelectiveScan", inputs, outputs, shapes, {"b": batch, "E": d_inner, "T": seq}, {}, stream, route=route)
+    launcher.launch(inputs, outputs, shapes, {"b": batch, "E": d_inner, "T": seq}, {}, stream)
 
 
-def launch_sliding_window_attention(inputs: Sequence[int], outputs: Sequence[int], *, batch: int, num_heads: int,
-                                    num_kv_heads: int, seq: int, head_size: int, window_rows: int, window: int,
-                                    scale: float, half: bool, stream: int, route: str = "python") -> None:
+def launch_sliding_window_attention(launcher: Launcher, inputs: Sequence[int], outputs: Sequence[int], *,
+                                    batch: int, num_heads: int, num_kv_heads: int, seq: int, head_size: int,
+                                    window_rows: int, window: int, scale: float, half: bool, stream: int) -> None:
     """samba.SlidingWindowAttention: inputs q, k, v, k_window, v_window, start_pos; outputs y, k/v_window_out."""
     b, H, G, T, hs, C = batch, num_heads, num_kv_heads, seq, head_size, window_rows
     shapes = {"q": (b, H, T, hs), "k": (b, G, T, hs), "v": (b, G, T, hs), "k_window": (b, G, C, hs)}
-    _launch("SlidingWindowAttention", inputs, outputs, shapes, {"b": b, "H": H, "G": G, "T": T, "C": C},
-            {"window": window, "scale": scale}, stream, half=half, route=route)
+    launcher.launch(inputs, outputs, shapes, {"b": b, "H": H, "G": G, "T": T, "C": C},
+                    {"window": window, "scale": scale}, stream, half=half)

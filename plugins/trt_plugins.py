@@ -5,15 +5,20 @@
 
 One implementation for real TensorRT (10.x, 11.x; JetPack 6 and 7) and TensorRT-RTX: the shape of
 NVIDIA's `samples/python/python_plugin` (IPluginV3 + OneCore/OneBuild/OneRuntime, IPluginCreatorV3One).
-The ONNX parser matches node op_type == plugin name, attribute `plugin_version` == "1" and the node's
-domain `samba` == plugin_namespace. Only the fields the creator declares reach `create_plugin`; ONNX
-int attributes arrive as INT32 arrays, float as FLOAT32 arrays.
+The ONNX parser matches node op_type == plugin name, attribute `plugin_version` == "1" and attribute
+`plugin_namespace` == "samba" (TensorRT < 10.10, i.e. JetPack 6's 10.3, reads the namespace from that
+attribute only; newer parsers also fall back to the node's domain): `parser_keys` applies either rule.
+Only the fields the creator declares reach `create_plugin`; ONNX int attributes arrive as INT32
+arrays, float as FLOAT32, string as CHAR.
 
 The plugins do no maths here: `enqueue` unpacks TensorRT's descriptors (device pointers, shapes,
-stream) and calls the plain launchers in `trt_launch.py`, which run the AOT-compiled Triton kernels
-(found through `trt_launch.set_kernels_dir(artifact)` / $SAMBA_EDGE_KERNELS).
-An engine records only type/version/namespace and the serialized fields: the process that loads an
-engine must call `register_plugins()` again.
+stream) and calls the plain launchers in `trt_launch.py`, which run the AOT-compiled Triton kernels.
+Each plugin finds its kernels through its `kernels` field, the content key of the artifact's
+kernels/ that `samba-edge build` writes onto the nodes it parses (and that the engine serializes);
+so enqueue works during the build (real TensorRT times tactics by running it) and two engines in
+one process never share kernels by accident. An engine records only type/version/namespace and the
+serialized fields: the process that loads an engine must call `register_plugins()` again and open
+the engine directory's kernels (`trt_launch.KernelSet.open`; the TensorRT backend does both).
 """
 from __future__ import annotations
 
@@ -26,27 +31,35 @@ from samba_edge.plugins.trt_import import import_trt
 NAMESPACE = "samba"
 VERSION = "1"
 
-# attribute name -> (kind); the order is the serialisation order
-SCAN_FIELDS = {"delta_softplus": "int", "d_inner": "int", "d_state": "int"}
-SWA_FIELDS = {"window": "int", "scale": "float", "num_heads": "int", "num_kv_heads": "int", "head_size": "int"}
+# attribute name -> (kind); the order is the serialisation order. "kernels": trt_launch.KernelSet.key
+SCAN_FIELDS = {"delta_softplus": "int", "d_inner": "int", "d_state": "int", "kernels": "str"}
+SWA_FIELDS = {"window": "int", "scale": "float", "num_heads": "int", "num_kv_heads": "int", "head_size": "int",
+              "kernels": "str"}
+OPTIONAL_FIELDS = {"kernels"}           # TensorRT-RTX / plain parses build without; enqueue then refuses
 
 trt, _info = import_trt()
 
 
-def _field_value(f) -> Any:
+_KIND = {"int": (np.int32, "INT32"), "float": (np.float32, "FLOAT32"), "str": (np.int8, "CHAR")}
+
+
+def _field_value(f, kind: str) -> Any:
     data = np.asarray(f.data).reshape(-1)
-    return data[0].item() if data.size else None
+    if kind == "str":
+        return data.astype(np.uint8).tobytes().split(b"\0")[0].decode("ascii", "replace") if data.size else None
+    if not data.size:
+        return None
+    return int(data[0]) if kind == "int" else float(data[0])
 
 
 def _fields(fc, spec: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if fc is None:
-        return out
-    for f in fc:
-        if f.name in spec:
-            v = _field_value(f)
-            out[f.name] = None if v is None else (int(v) if spec[f.name] == "int" else float(v))
-    return out
+    return {f.name: _field_value(f, spec[f.name]) for f in (fc or []) if f.name in spec}
+
+
+def _array(value, kind: str) -> np.ndarray:
+    if kind == "str":
+        return np.frombuffer(str(value).encode("ascii"), np.int8).copy()
+    return np.array([] if value is None else [value], dtype=_KIND[kind][0])
 
 
 def _collection(values: dict[str, Any], spec: dict[str, str], keep: list):
@@ -55,22 +68,20 @@ def _collection(values: dict[str, Any], spec: dict[str, str], keep: list):
     (observed: with temporaries the memory is reused and TensorRT serialises garbage)."""
     fields = []
     for name, kind in spec.items():
-        v = values.get(name)
-        if v is None:
+        if values.get(name) is None:
             continue
-        arr = np.array([v], dtype=np.int32 if kind == "int" else np.float32)
+        arr = _array(values[name], kind)
         keep.append(arr)
-        fields.append(trt.PluginField(name, arr, trt.PluginFieldType.INT32 if kind == "int"
-                                      else trt.PluginFieldType.FLOAT32))
+        fields.append(trt.PluginField(name, arr, getattr(trt.PluginFieldType, _KIND[kind][1])))
     return trt.PluginFieldCollection(fields)
 
 
 def _declared(spec: dict[str, str], keep: list):
     fields = []
     for n, k in spec.items():
-        arr = np.array([], dtype=np.int32 if k == "int" else np.float32)
+        arr = _array(None, k) if k != "str" else np.array([], np.int8)
         keep.append(arr)
-        fields.append(trt.PluginField(n, arr, trt.PluginFieldType.INT32 if k == "int" else trt.PluginFieldType.FLOAT32))
+        fields.append(trt.PluginField(n, arr, getattr(trt.PluginFieldType, _KIND[k][1])))
     return trt.PluginFieldCollection(fields)
 
 
@@ -96,7 +107,7 @@ class _SambaPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, t
         self.plugin_version = VERSION
         self.num_outputs = self.N_OUT
         self.attrs: dict[str, Any] = dict(attrs or {})
-        missing = [k for k in self.FIELDS if self.attrs.get(k) is None]
+        missing = [k for k in self.FIELDS if self.attrs.get(k) is None and k not in OPTIONAL_FIELDS]
         if missing:
             raise ValueError(f"{NAMESPACE}.{self.NAME}: missing attribute(s) {', '.join(missing)} "
                              "(re-export the artifact with this samba-edge)")
@@ -146,7 +157,19 @@ class _SambaPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, t
         pass
 
     def attach_to_context(self, context):
-        return self.clone()
+        return self.clone()                    # a fresh Launcher: its loaded functions belong to one context
+
+    def launcher(self):
+        """This plugin's kernels, prepared on first use (trt_launch.Launcher); enqueue then only launches."""
+        if getattr(self, "_launcher", None) is None:
+            from samba_edge.plugins.trt_launch import KernelSet, Launcher
+
+            key = self.attrs.get("kernels")
+            if not key:
+                raise RuntimeError(f"{NAMESPACE}.{self.NAME} has no kernels field: build the engine with "
+                                   "`samba-edge build` (it binds the artifact's kernels to every plugin node)")
+            self._launcher = Launcher(KernelSet.by_key(key), self.NAME)
+        return self._launcher
 
 
 class SelectiveScanPlugin(_SambaPlugin):
@@ -168,7 +191,7 @@ class SelectiveScanPlugin(_SambaPlugin):
 
         b, E, T = _dims(input_desc[0])
         N = _dims(input_desc[2])[1]
-        launch_selective_scan(list(inputs), list(outputs), batch=b, d_inner=E, d_state=N, seq=T,
+        launch_selective_scan(self.launcher(), list(inputs), list(outputs), batch=b, d_inner=E, d_state=N, seq=T,
                               delta_softplus=self.attrs["delta_softplus"], stream=int(stream))
 
 
@@ -200,7 +223,7 @@ class SlidingWindowAttentionPlugin(_SambaPlugin):
         C = _dims(input_desc[3])[2]
         a = self.attrs
         launch_sliding_window_attention(
-            list(inputs), list(outputs), batch=b, num_heads=H, num_kv_heads=G, seq=T, head_size=hs,
+            self.launcher(), list(inputs), list(outputs), batch=b, num_heads=H, num_kv_heads=G, seq=T, head_size=hs,
             window_rows=C, window=a["window"], scale=a["scale"], half=input_desc[0].type == trt.DataType.HALF,
             stream=int(stream))
 

@@ -13,6 +13,7 @@ torch backend.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import os
 import threading
@@ -135,9 +136,11 @@ class Model:
             ids = np.stack([streams[i]._check(t) for i, t in enumerate(tokens)])
             pos = np.array([s.position for s in streams], dtype=np.int64)
             be = self.backend
-            logits, new = self.run(ids, pos, be.stack_states([s.state for s in streams]))
+            with self._lock or contextlib.nullcontext():     # a batch slot (TensorRT) is held stack..split
+                logits, new = be.run(ids, pos, be.stack_states([s.state for s in streams]))
+                parts = be.split_state(new, len(streams))
             out = []
-            for i, (s, st) in enumerate(zip(streams, be.split_state(new, len(streams)))):
+            for i, (s, st) in enumerate(zip(streams, parts)):
                 s.state = st
                 s._advance(tokens[i], logits[i, -1])
                 out.append(s.last_logits)

@@ -106,10 +106,17 @@ def test_plugin_engine_builds_on_cpu(plugin_build, exports):
     # the parser created our plugins with the node attributes, and TensorRT configured them per profile
     cfg = manifest.model
     scan_attrs = calls["SelectiveScan.configure_plugin"][0][2]
-    assert scan_attrs == {"delta_softplus": 1, "d_inner": cfg["expand"] * cfg["n_embd"], "d_state": cfg["d_state"]}
+    # the kernels key (a string attribute -> CHAR field) binds each plugin to this artifact's kernels
+    from samba_edge.plugins.trt_launch import KernelSet
+
+    key = KernelSet.open(exports["plugin"]).key
+    assert meta["kernels"] == key and KernelSet.open(out).key == key
+    assert scan_attrs == {"delta_softplus": 1, "d_inner": cfg["expand"] * cfg["n_embd"], "d_state": cfg["d_state"],
+                          "kernels": key}
     swa = calls["SlidingWindowAttention.configure_plugin"][0][2]
     assert swa == {"window": cfg["local_window"], "scale": pytest.approx(cfg["head_size"] ** -0.5),
-                   "num_heads": cfg["n_head"], "num_kv_heads": cfg["n_query_groups"], "head_size": cfg["head_size"]}
+                   "num_heads": cfg["n_head"], "num_kv_heads": cfg["n_query_groups"], "head_size": cfg["head_size"],
+                   "kernels": key}
     # configure_plugin once per profile per plugin instance (2 Mamba + 2 attention layers here)
     assert len(calls["SelectiveScan.configure_plugin"]) >= 2 and len(calls["SlidingWindowAttention.configure_plugin"]) >= 2
     # the int64 start_pos input was offered to and accepted by the attention plugin
@@ -119,6 +126,31 @@ def test_plugin_engine_builds_on_cpu(plugin_build, exports):
     assert calls["SelectiveScan.get_fields_to_serialize"] and calls["SlidingWindowAttention.get_fields_to_serialize"]
     plan = (out / "engine.plan").read_bytes()
     assert b"SelectiveScan" in plan and b"SlidingWindowAttention" in plan
+
+
+def test_plugin_nodes_resolve_under_the_tensorrt_10_3_parser_rule(exports):
+    """JetPack 6's TensorRT 10.3 parser takes the namespace from the plugin_namespace attribute only (default
+    ""), never from the domain: every exported plugin node must resolve to our creators under that rule."""
+    import onnx
+
+    from samba_edge.plugins.trt_parser import check_lookup, parser_keys
+
+    tp.register_plugins()
+    registry = trt.get_plugin_registry()
+    proto = onnx.load(str(exports["plugin"] / "model.onnx"), load_external_data=False)
+    keys = parser_keys(proto, "10.3")
+    assert len(keys) == 4 and {k for _, k in keys} == {("SelectiveScan", "1", "samba"),
+                                                       ("SlidingWindowAttention", "1", "samba")}
+    for _, (name, version, ns) in keys:
+        assert registry.get_creator(name, version, ns) is not None
+    check_lookup(proto, lambda *k: registry.get_creator(*k) is not None, "10.3.0.30")
+    assert Manifest.load(exports["plugin"]).custom_ops[0]["plugin_namespace"] == "samba"
+    for node, _ in keys:                     # an export without the attribute fails the 10.3 rule, not the 10.10 one
+        node.attribute.remove(next(a for a in node.attribute if a.name == "plugin_namespace"))
+    assert all(ns == "" for _, (_, _, ns) in parser_keys(proto, "10.3"))
+    assert all(registry.get_creator(*k) is not None for _, k in parser_keys(proto, "10.10"))   # domain fallback
+    with pytest.raises(SambaEdgeError, match="TensorRT 10.3's ONNX parser would look up plugin 'SelectiveScan'"):
+        check_lookup(proto, lambda *k: registry.get_creator(*k) is not None, "10.3.0.30")
 
 
 def test_portable_engine_builds_on_cpu(exports, tmp_path):
@@ -248,19 +280,16 @@ def test_plugin_missing_attribute_is_an_error():
         tp.SelectiveScanPlugin(tp._fields(fc, tp.SCAN_FIELDS))
 
 
-def test_launcher_without_kernels_is_a_clear_error(monkeypatch, tmp_path):
+def test_launcher_without_kernels_is_a_clear_error(tmp_path):
     from samba_edge.plugins import trt_launch
 
-    monkeypatch.delenv("SAMBA_EDGE_KERNELS", raising=False)
-    trt_launch.set_kernels_dir(None)
-    with pytest.raises(SambaEdgeError, match="no kernels"):
-        trt_launch._index_path()
-    trt_launch.set_kernels_dir(tmp_path)
-    try:
-        with pytest.raises(SambaEdgeError, match="kernels.json"):
-            trt_launch._index_path()
-    finally:
-        trt_launch.set_kernels_dir(None)
+    with pytest.raises(SambaEdgeError, match="kernels.json"):
+        trt_launch.KernelSet.open(tmp_path)
+    with pytest.raises(SambaEdgeError, match="not loaded in this process"):
+        trt_launch.KernelSet.by_key("0" * 32)
+    plugin = tp.SelectiveScanPlugin({"delta_softplus": 1, "d_inner": 8, "d_state": 4})   # parsed without build
+    with pytest.raises(RuntimeError, match="samba-edge build"):
+        plugin.launcher()
     assert trt_launch.grid_value("cdiv(E, 32)", {"E": 65}) == 3
     assert trt_launch.grid_value("b * H", {"b": 2, "H": 4}) == 8
 

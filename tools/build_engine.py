@@ -183,8 +183,10 @@ def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[in
     t0 = time.monotonic()
     if progress:
         print(f"parsing {onnx_path} ({info.flavor} {info.version})", file=sys.stderr, flush=True)
-    if route == "aot_impl":               # TensorRT 10.9 reads the namespace from an attribute, not the domain
-        ok = parser.parse(_mark_aot_nodes(onnx_path), str(onnx_path))
+    kernels_key = None
+    if route is not None:                 # the plugin nodes as the parser must see them (plugins/trt_parser.py)
+        graph, kernels_key = _plugin_graph(trt, info, export_dir, onnx_path, route)
+        ok = parser.parse(graph, str(onnx_path))      # the path: external weights are read beside the file
     else:                                 # parse_from_file resolves external data (model.onnx.data) next to the file
         ok = parser.parse_from_file(str(onnx_path))
     if not ok:
@@ -248,6 +250,7 @@ def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[in
         "target": target,
         "gpu": _build_gpu(info),
         "plugin_route": route,
+        "kernels": kernels_key,                   # trt_launch.KernelSet.key the plugins serialized
         "artifact": {"path": str(export_dir.resolve()), "fingerprint": manifest.fingerprint,
                      "flavor": manifest.flavor, "dtype": manifest.dtype, "max_chunk": manifest.max_chunk},
         "plugins": [{"name": c["name"], "namespace": c["domain"], "version": c["plugin_version"]}
@@ -285,7 +288,7 @@ def _register_plugins(export_dir: Path, plugin_route: str) -> str:
     if plugin_route == "auto":
         plugin_route = "aot" if aot_route_available() else "python"
     if plugin_route == "aot":
-        from samba_edge.tools.doctor import check_cuda
+        from samba_edge.plugins.cuda_probe import check_cuda
 
         if not aot_route_available():
             raise SambaEdgeError("--plugin-route aot needs TensorRT >= 10.9 with tensorrt.plugin (TensorRT-RTX and "
@@ -295,7 +298,7 @@ def _register_plugins(export_dir: Path, plugin_route: str) -> str:
         if sm is None:
             raise SambaEdgeError("--plugin-route aot embeds PTX for the building GPU, and no GPU is visible; "
                                  "build on the target device (or use --plugin-route python)")
-        register_aot_plugins(export_dir, sm)
+        register_aot_plugins(sm)
         return "aot_impl"
     from samba_edge.plugins.trt_plugins import register_plugins
 
@@ -303,17 +306,20 @@ def _register_plugins(export_dir: Path, plugin_route: str) -> str:
     return "python"
 
 
-def _mark_aot_nodes(onnx_path: Path) -> bytes:
-    """The graph with plugin_namespace / aot attributes on the samba.* nodes (the ONNX parser's way to
-    select an AOT quickly deployable plugin); the weights stay external, read from the file's folder."""
+def _plugin_graph(trt, info, export_dir: Path, onnx_path: Path, route: str) -> tuple[bytes, str]:
+    """model.onnx with the plugin nodes marked for this build (namespace, the kernels they launch, aot) and
+    checked against the parser's lookup rules of TensorRT 10.3 and of this TensorRT; weights stay external."""
     import onnx
 
+    from samba_edge.plugins.trt_launch import KernelSet
+    from samba_edge.plugins.trt_parser import check_lookup, mark_plugin_nodes
+
+    kernels = KernelSet.open(export_dir)          # python route: enqueue (also during the build) launches these
     proto = onnx.load(str(onnx_path), load_external_data=False)
-    for node in proto.graph.node:
-        if node.domain == "samba":
-            node.attribute.extend([onnx.helper.make_attribute("plugin_namespace", "samba"),
-                                   onnx.helper.make_attribute("aot", 1)])
-    return proto.SerializeToString()
+    mark_plugin_nodes(proto, kernels=kernels.key, aot=route == "aot_impl")
+    registry = trt.get_plugin_registry()
+    check_lookup(proto, lambda name, version, ns: registry.get_creator(name, version, ns) is not None, info.version)
+    return proto.SerializeToString(), kernels.key
 
 
 def _build_gpu(info) -> Optional[dict]:
@@ -321,7 +327,7 @@ def _build_gpu(info) -> Optional[dict]:
     TensorRT-RTX engines are compiled for the GPU at load time, so none is recorded for them."""
     if info.flavor != "tensorrt":
         return None
-    from samba_edge.tools.doctor import check_cuda
+    from samba_edge.plugins.cuda_probe import check_cuda
 
     gpus = check_cuda()[1].get("gpus") or []
     return {"name": gpus[0]["name"], "sm": gpus[0]["sm"]} if gpus else None
