@@ -240,15 +240,17 @@ def bench(artifact: str, baseline: str, contexts: str, decode_tokens: int, check
 @click.option("--plugin-route", default="auto", show_default=True, type=click.Choice(["auto", "python", "aot"]),
               help="plugin flavour: python (IPluginV3, runs in samba-edge's runtime) | aot (tensorrt.plugin "
                    "aot_impl, TensorRT >= 10.9: the engine runs in trtexec/C++) | auto (aot where available)")
+@click.option("--verbose", is_flag=True, help="TensorRT's verbose log on stderr (plugin lookup, tactics, enqueue timing)")
 @click.option("--force", is_flag=True, help="replace an existing engine directory")
 def build(export_dir: str, engine_dir: str, max_chunk: Optional[int], max_batch: int, workspace: Optional[str],
-          opt_level: Optional[int], timing_cache: Optional[str], target: str, plugin_route: str, force: bool) -> None:
+          opt_level: Optional[int], timing_cache: Optional[str], target: str, plugin_route: str, verbose: bool,
+          force: bool) -> None:
     """Exported artifact -> TensorRT engine (decode + prefill profiles), with TensorRT or TensorRT-RTX."""
     from samba_edge.tools.build_engine import build_engine
 
     path = build_engine(export_dir, engine_dir, max_chunk=max_chunk, max_batch=max_batch, workspace=workspace,
                         opt_level=opt_level, timing_cache=timing_cache, target=target, force=force,
-                        plugin_route=plugin_route)
+                        plugin_route=plugin_route, verbose=verbose)
     click.echo(f"wrote {path}")
 
 
