@@ -75,7 +75,6 @@ def check_triton() -> dict:
 def check_kernels(artifact: Optional[str], sm: Optional[str]) -> Optional[dict]:
     if artifact is None:
         return None
-    import json
 
     from samba_edge.runtime.manifest import Manifest
     from samba_edge.runtime.errors import SambaEdgeError
@@ -86,18 +85,23 @@ def check_kernels(artifact: Optional[str], sm: Optional[str]) -> Optional[dict]:
         return _check("kernels", "error", str(e))
     if m.flavor != "plugin":
         return _check("kernels", "ok", f"{m.flavor} flavour: no custom kernels needed")
-    index = Path(artifact) / "kernels" / "kernels.json"
-    if not index.exists():
-        return _check("kernels", "missing", f"{index} is missing: the TensorRT plugins cannot run; re-export the "
-                                            "artifact with a samba-edge that writes kernels")
+    from samba_edge.plugins.trt_launch import KernelSet
+
     try:
-        archs = sorted(json.loads(index.read_text()).get("archs", {}))
-    except (OSError, ValueError) as e:
-        return _check("kernels", "error", f"{index}: {_first_line(e)}")
+        ks = KernelSet(artifact)
+    except SambaEdgeError as e:
+        return _check("kernels", "missing", f"{e}; the TensorRT plugins cannot run")
+    archs = sorted(ks.index.get("archs", {}))
+    portable = ks.index.get("portable_ptx")
+    have = f"kernels for {', '.join(archs) or 'no arch'}" + (f" (portable PTX {portable})" if portable else "")
     if sm is None:
-        return _check("kernels", "ok", f"kernels for {', '.join(archs) or 'no arch'} (no GPU here to match)", archs=archs)
-    status = "ok" if sm in archs else "error"
-    return _check("kernels", status, f"kernels for {', '.join(archs)}; this GPU is {sm}", archs=archs)
+        return _check("kernels", "ok", f"{have} (no GPU here to match)", archs=archs)
+    try:                                            # what the launcher would load on this GPU, kernel by kernel
+        names = {n for ns in ks.index.get("ops", {}).values() for n in ns} | set(ks.index.get("aot_impl", {}).values())
+        images = sorted({ks.image(name, sm)[1].describe() for name in names})
+    except SambaEdgeError as e:
+        return _check("kernels", "error", f"{have}; this GPU is {sm}: {e}", archs=archs)
+    return _check("kernels", "ok", f"{have}; this GPU ({sm}) loads {', '.join(images)}", archs=archs)
 
 
 def run_doctor(artifact: Optional[str] = None) -> dict:
