@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from samba_edge.plugins.reference import REFERENCES
-from samba_edge.runtime.errors import SambaEdgeError
+from samba_edge.plugins.errors import SambaEdgeError
 
 CONTRIB = "ai.onnx.contrib"
 _registered = False

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from samba_edge.runtime.errors import SambaEdgeError
+from samba_edge.plugins.errors import SambaEdgeError
 
 INSTALL_HINT = ("install TensorRT for your GPU / JetPack (the `tensorrt` Python package; on Jetson it comes with "
                 "JetPack), or for a CPU-only structural check TensorRT-RTX: "

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from samba_edge.runtime.errors import SambaEdgeError
+from samba_edge.plugins.errors import SambaEdgeError
 
 INDEX = "kernels.json"
 IMAGES = (None, "cubin", "ptx", "portable")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from samba_edge.runtime.errors import SambaEdgeError
+from samba_edge.plugins.errors import SambaEdgeError
 
 DOMAIN = "samba"
 RULES = ("10.3", "10.10")           # before / from the release that reads the node's domain

@@ -25,7 +25,7 @@ no tensorrt.plugin); the kernels it embeds are tested (Triton interpreter, ptxas
 from typing import List, Tuple, Union
 
 from samba_edge.plugins.trt_import import import_trt
-from samba_edge.runtime.errors import SambaEdgeError
+from samba_edge.plugins.errors import SambaEdgeError
 
 NAMESPACE = "samba"
 _registered = False

@@ -1,5 +1,4 @@
-"""The one exception type for bad input: the CLI prints its message on one line and exits 2."""
+"""Re-export: the exception lives on the ground floor (plugins/errors.py) so every floor can raise it."""
+from samba_edge.plugins.errors import SambaEdgeError
 
-
-class SambaEdgeError(Exception):
-    """A user-facing problem (bad file, bad option, mismatched model). The message names the fix."""
+__all__ = ["SambaEdgeError"]
