@@ -73,12 +73,14 @@ def _attention_program(pid_m, pid_bh, q_ptr, k_ptr, v_ptr, kw_ptr, vw_ptr, start
 
     # Keys j of [window | chunk] visible to queries m0..m0+BLOCK_M-1 satisfy j >= m0 + C - W + 1
     # (window) and j <= m0 + BLOCK_M - 1 + C (causal), and j >= C - s0 (position >= 0).
-    # 1) cached window, slots [lo, C)
-    lo = tl.maximum(tl.maximum(m0 + C - W + 1, 0).to(tl.int64), C - s0).to(tl.int32)
+    # 1) cached window, slots [lo, C). lo is clamped to [0, C] in 64 bits before the int32 cast, and
+    # loads are masked on both sides: TensorRT's tactic timing runs us on garbage start_pos (any
+    # int64), where C - s0 cast to int32 used to wrap negative (out-of-bounds loads, ~2^31 trips).
+    lo = tl.minimum(tl.maximum(tl.maximum((m0 + C + 1).to(tl.int64) - W, 0), C - s0), C).to(tl.int32)
     hi = tl.minimum(C, m0 + BLOCK_M + C)
     for j0 in range(lo, hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
-        jv = j < C
+        jv = (j >= 0) & (j < C)
         off = (bg * C + j[:, None]) * HEAD_DIM + d[None, :]
         msk = jv[:, None] & d_mask[None, :]
         kb = tl.load(kw_ptr + off, mask=msk, other=0.0).to(kdt).to(tl.float32)
@@ -89,7 +91,7 @@ def _attention_program(pid_m, pid_bh, q_ptr, k_ptr, v_ptr, kw_ptr, vw_ptr, start
     hi2 = tl.minimum(T, m0 + BLOCK_M)
     for t0 in range(lo2, hi2, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
-        tv = t < hi2
+        tv = (t >= 0) & (t < hi2)
         off = (bg * T + t[:, None]) * HEAD_DIM + d[None, :]
         msk = tv[:, None] & d_mask[None, :]
         kb = tl.load(k_ptr + off, mask=msk, other=0.0).to(tl.float32)
