@@ -11,6 +11,10 @@ so pass null).
     write_kernels(out_dir, cfg) -> index     # out_dir/kernels/<sm_XX>/<kernel>.{ptx,cubin,json}
                                              # + out_dir/kernels/kernels.json (the index, returned)
 
+Archs: sm_75/80/86/87/89/90/100/110/120 (ARCHS), each with its cubin and its own PTX; sm_75's PTX
+(non-"a" target, ISA 6.3) is also the portable PTX (index["portable_ptx"]) that the driver of any
+newer GPU JIT-compiles. A launcher picks: exact cubin -> same-arch PTX -> portable PTX.
+
 Shapes (E, T, H, G, W, ...) are runtime arguments, so one compile per arch serves every model with
 the same d_state and head_size (compile-time constants, part of the cache key). Compiled results are
 cached under $SAMBA_EDGE_CACHE/kernels (default ~/.cache/samba-edge/kernels), keyed by the Triton
@@ -59,30 +63,55 @@ class ArchSpec:
         return f"sm_{self.arch}"
 
     @property
+    def arch_specific(self) -> bool:  # an "a" target: runs on exactly this compute capability, no JIT onto newer
+        return self.arch >= 90
+
+    @property
     def ptx_target(self) -> str:
-        return f"sm_{self.arch}{'a' if self.arch >= 90 else ''}"
+        return f"sm_{self.arch}{'a' if self.arch_specific else ''}"
 
 
 # PTX versions: a driver JIT-compiles PTX only up to the ISA version of its own CUDA release, and
 # Triton's default is the ISA of the ptxas it ships (PTX 8.8 for CUDA 12.9, 9.4 for 13.4) -- too new
 # for the drivers our users have. So each arch gets the lowest ISA that knows its target:
+#  - sm_75 Turing (T4, RTX 20): ISA 6.3 (CUDA 10.0). Also the PORTABLE PTX (below).
+#  - sm_80 A100/A30: ISA 7.0 (CUDA 11.0); sm_86 A10/A40/RTX 30: ISA 7.1 (CUDA 11.1);
+#    sm_89 L4/L40/RTX 40: ISA 7.8 (CUDA 11.8). Triton emits identical code at these ISAs and at 8.x.
 #  - sm_87 Jetson Orin: JetPack 6.1/6.2 = L4T r36.4 = CUDA 12.6, whose driver accepts PTX ISA <= 8.5
 #    (CUDA 12.5 and 12.6 both ship ISA 8.5). 8.5 therefore JIT-loads there; 8.8 would be refused.
 #  - sm_90a H100/H200: ISA 8.0 (CUDA 12.0, the first with sm_90a): any CUDA 12.x or 13.x driver.
 #  - sm_100a B200/GB200 and sm_120a RTX 50 / RTX PRO Blackwell: ISA 8.7 (CUDA 12.8, the first
 #    release with these targets).
 #  - sm_110a Jetson Thor: ISA 9.0 (CUDA 13.0 = JetPack 7.0; sm_110 exists only from CUDA 13 on).
-# Cubins: for sm_87/90/100/120 we assemble with Triton's bundled CUDA 12.9 ptxas (by default Triton
+# Cubins: for every arch but 110 we assemble with Triton's bundled CUDA 12.9 ptxas (by default Triton
 # uses its CUDA 13.x ptxas for arch >= 90), so the cubins are CUDA 12 cubins that drivers of the
 # CUDA 12 family load through minor-version compatibility; sm_110 needs the CUDA 13 ptxas.
 # "a" targets (sm_90a, ...) are arch-specific: sm_90a code runs on CC 9.0 only, sm_100a on 10.0 only.
+# Triton 3.9 emits non-"a" targets below sm_90, whose PTX any later GPU's driver can JIT-compile.
 ARCHS: dict[int, ArchSpec] = {a.arch: a for a in (
+    ArchSpec(75, 63, "ptxas", "T4 / RTX 20xx / Quadro RTX (Turing)", "CUDA 10.0 driver (R410) or newer"),
+    ArchSpec(80, 70, "ptxas", "A100 / A30 / A800", "CUDA 11.0 driver (R450) or newer"),
+    ArchSpec(86, 71, "ptxas", "A10 / A16 / A40 / RTX 30xx / RTX A2000-A6000", "CUDA 11.1 driver (R455) or newer"),
     ArchSpec(87, 85, "ptxas", "Jetson AGX Orin / Orin NX / Orin Nano", "JetPack 6.1/6.2 (CUDA 12.6 driver) or newer"),
+    ArchSpec(89, 78, "ptxas", "L4 / L40 / L40S / RTX 40xx / RTX Ada", "CUDA 11.8 driver (R520) or newer"),
     ArchSpec(90, 80, "ptxas", "H100 / H200 / GH200", "CUDA 12.0 driver (R525) or newer"),
     ArchSpec(100, 87, "ptxas", "B200 / GB200", "CUDA 12.8 driver (R570) or newer"),
     ArchSpec(110, 90, "ptxas-blackwell", "Jetson Thor", "JetPack 7.0 (CUDA 13.0) or newer"),
     ArchSpec(120, 87, "ptxas", "RTX 50xx / RTX PRO Blackwell", "CUDA 12.8 driver (R570) or newer"),
 )}
+
+# The portable PTX: the lowest arch's PTX, a non-"a" target at a low ISA (sm_75, ISA 6.3 = CUDA 10.0),
+# which the driver of any newer GPU JIT-compiles -- GPUs without an exact image of their own (sm_103
+# B300, sm_121 GB10, ...) and older drivers than an arch's own PTX needs (JetPack 5 / 6.0 on Orin).
+# The index names it: index["portable_ptx"] = "sm_75" (None when sm_75 was not compiled).
+PORTABLE_PTX_ARCH = 75
+
+# The lowest PTX ISA (x10) LLVM's NVPTX backend in Triton 3.9 accepts per target (measured: one below
+# aborts the whole process with "LLVM ERROR: PTX version X does not support target", which no
+# try/except catches, so compile_kernel refuses such an ArchSpec up front).
+MIN_PTX_VERSION = {75: 63, 80: 70, 86: 71, 87: 74, 89: 78, 90: 80, 100: 86, 110: 90, 120: 87}
+
+assert not ARCHS[PORTABLE_PTX_ARCH].arch_specific and PORTABLE_PTX_ARCH == min(ARCHS)
 
 
 # ---- kernels --------------------------------------------------------------------------------
@@ -300,6 +329,10 @@ def compile_kernel(spec: KernelSpec, arch: ArchSpec) -> tuple[Path, dict]:
     import triton
     from triton.backends.compiler import GPUTarget
 
+    low = MIN_PTX_VERSION.get(arch.arch)
+    if low is not None and arch.ptx_version < low:     # LLVM would abort the process, not raise
+        raise RuntimeError(f"PTX ISA {arch.ptx_version / 10:.1f} does not know {arch.ptx_target}: "
+                           f"Triton {triton.__version__} needs at least {low / 10:.1f}")
     ptxas = _ptxas(arch.ptxas)
     key = _cache_key(spec, arch, ptxas.version)
     root = cache_root()
@@ -371,6 +404,9 @@ def write_kernels(out_dir: Path, cfg, archs: Optional[list[int]] = None, strict:
     """Compile every kernel of the plugin ops for every arch into out_dir/kernels/; returns the index.
 
     Writes out_dir/kernels/<sm_XX>/<kernel>.ptx / .cubin / .json and out_dir/kernels/kernels.json.
+    index["portable_ptx"] names the arch (sm_75) whose PTX is the portable one, which the driver of any
+    newer GPU can JIT-compile (None if `archs` leaves it out); index["archs"][sm]["arch_specific"] says
+    whether that arch's PTX is an "a" target (runs on exactly that compute capability).
     A kernel that fails to compile for an arch is recorded in the index under "errors" (and logged);
     with strict=True it raises instead.
     """
@@ -393,7 +429,8 @@ def write_kernels(out_dir: Path, cfg, archs: Optional[list[int]] = None, strict:
             index.setdefault("aot_impl", {})[s.op] = s.name
     for a in (archs or sorted(ARCHS)):
         arch = ARCHS[a]
-        entry = {"arch": arch.arch, "ptx_target": arch.ptx_target, "devices": arch.devices, "needs": arch.needs,
+        entry = {"arch": arch.arch, "ptx_target": arch.ptx_target, "arch_specific": arch.arch_specific,
+                 "devices": arch.devices, "needs": arch.needs,
                  "ptx_version": f"{arch.ptx_version // 10}.{arch.ptx_version % 10}", "kernels": {}}
         (out / arch.sm).mkdir(exist_ok=True)
         for s in specs:
@@ -418,6 +455,9 @@ def write_kernels(out_dir: Path, cfg, archs: Optional[list[int]] = None, strict:
                                         "shared_mem_bytes": rec["shared_mem_bytes"], "block": rec["block"],
                                         "grid": rec["grid"], "launch_order": s.launch_order, "op": s.op}
         index["archs"][arch.sm] = entry
+    # the arch whose PTX any newer GPU's driver can JIT (the launcher's last resort); None if not built
+    portable = ARCHS[PORTABLE_PTX_ARCH].sm
+    index["portable_ptx"] = portable if portable in index["archs"] else None
     (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return index
 

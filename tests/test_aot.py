@@ -1,6 +1,7 @@
-"""Ahead-of-time kernels (plugins/aot.py): PTX + cubin for sm_87/90/100/110/120 with no GPU, launcher
-metadata complete and consistent with the PTX and the host wrappers, ptxas accepts the PTX, the
-cache works, the exporter ships them; tools/gpu_check.py fails cleanly without a GPU."""
+"""Ahead-of-time kernels (plugins/aot.py): PTX + cubin for sm_75/80/86/87/89/90/100/110/120 with no
+GPU, the portable PTX (sm_75, non-"a", ISA 6.3) that newer GPUs' drivers JIT, launcher metadata
+complete and consistent with the PTX and the host wrappers, ptxas accepts the PTX, the cache works,
+the exporter ships them; tools/gpu_check.py fails cleanly without a GPU."""
 from __future__ import annotations
 
 import ctypes
@@ -8,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -21,8 +23,14 @@ from samba_edge.export.config import get_config  # noqa: E402
 from samba_edge.plugins import aot  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ARCHS = [87, 90, 100, 110, 120]
-PTX_VERSION = {87: "8.5", 90: "8.0", 100: "8.7", 110: "9.0", 120: "8.7"}
+ARCHS = [75, 80, 86, 87, 89, 90, 100, 110, 120]
+PTX_VERSION = {75: "6.3", 80: "7.0", 86: "7.1", 87: "8.5", 89: "7.8", 90: "8.0", 100: "8.7", 110: "9.0", 120: "8.7"}
+COMMON_X86 = [75, 80, 86, 89]            # T4 / RTX 20, A100 / A30, A10 / A40 / RTX 30, L4 / L40 / RTX 40
+PORTABLE = "sm_75"
+KERNELS = ["selective_scan", "selective_scan_qdp", "swa_attention", "swa_qdp", "swa_window_update"]
+# newer GPUs than the portable PTX's sm_75, by the ptxas that assembles for them (Triton's bundled CUDA 12.9
+# one knows up to sm_121, its CUDA 13 "ptxas-blackwell" sm_110 Thor): a driver JIT-compiling the PTX does the same
+JIT_ONTO = {"ptxas": ["sm_87", "sm_90", "sm_100", "sm_120", "sm_121"], "ptxas-blackwell": ["sm_110"]}
 CONTRACT = {"SelectiveScan": (["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "ssm_state"],
                               ["y", "ssm_state_out"]),
             "SlidingWindowAttention": (["q", "k", "v", "k_window", "v_window", "start_pos"],
@@ -168,6 +176,89 @@ def test_ptxas_assembles_the_ptx(built):
         assert p.returncode == 0, (sm, name, p.stderr[-2000:])
 
 
+def _cubin_sm(data: bytes) -> int:
+    """The SM a cubin was assembled for, from its ELF header: EM_CUDA (190); e_flags holds the SM in
+    bits 0-7 up to ELF ABI version 7 and in bits 8-15 from version 8 on (CUDA's sm_100+ cubins)."""
+    assert data[:4] == b"\x7fELF" and data[4] == 2 and struct.unpack_from("<H", data, 18)[0] == 190
+    flags = struct.unpack_from("<I", data, 48)[0]
+    return (flags >> 8) & 0xFF if data[8] >= 8 else flags & 0xFF
+
+
+def test_every_arch_has_its_cubins(built):
+    """The common x86 GPUs (T4, A100, A10 / RTX 30, L4 / RTX 40) get exact cubins for every kernel, like
+    the others; each cubin is for its arch; "a" (arch-specific) PTX targets only from sm_90 on."""
+    kdir, index, _ = built
+    assert set(f"sm_{a}" for a in COMMON_X86) <= set(index["archs"])
+    for sm, entry in index["archs"].items():
+        a = int(sm[3:])
+        assert entry["arch"] == a and entry["arch_specific"] is (a >= 90), sm
+        assert entry["ptx_target"] == sm + ("a" if a >= 90 else "") and entry["ptx_version"] == PTX_VERSION[a]
+        assert sorted(entry["kernels"]) == KERNELS, sm
+        for name, k in entry["kernels"].items():
+            assert _cubin_sm((kdir / k["files"]["cubin"]).read_bytes()) == a, (sm, name)
+
+
+def test_portable_ptx_is_generic_and_old_enough(built, tmp_path):
+    """index["portable_ptx"] names the lowest arch, whose PTX has a non-"a" target and an ISA <= 8.5, so
+    that any newer GPU's driver, JetPack 6's CUDA 12.6 one included (ISA <= 8.5), can JIT it."""
+    kdir, index, _ = built
+    assert index["portable_ptx"] == PORTABLE == aot.ARCHS[aot.PORTABLE_PTX_ARCH].sm
+    assert int(PORTABLE[3:]) == min(int(sm[3:]) for sm in index["archs"])
+    entry = index["archs"][index["portable_ptx"]]
+    assert entry["arch_specific"] is False and sorted(entry["kernels"]) == KERNELS
+    for name in KERNELS:                                  # the launcher's lookup, verbatim
+        ptx = (kdir / index["archs"][index["portable_ptx"]]["kernels"][name]["files"]["ptx"]).read_text()
+        targets = re.findall(r"^\.target\s+(\S+)\s*$", ptx, re.M)
+        assert targets == [PORTABLE] and not targets[0].endswith("a"), (name, targets)
+        versions = re.findall(r"^\.version\s+(\d+)\.(\d+)\s*$", ptx, re.M)
+        assert len(versions) == 1 and tuple(map(int, versions[0])) <= (8, 5), (name, versions)
+    # an index without the portable arch says so (the launcher then has no last resort)
+    assert aot.write_kernels(tmp_path, get_config("Samba_421M"), archs=[90])["portable_ptx"] is None
+
+
+def test_ptxas_assembles_the_portable_ptx_for_newer_archs(built, tmp_path):
+    """CPU-side proof that a newer GPU's driver can JIT the portable PTX: ptxas (Triton's bundled ones)
+    assembles the sm_75 PTX for sm_87 (Orin), sm_90, sm_100, sm_110 (Thor), sm_120 and sm_121 (GB10)."""
+    kdir, index, _ = built
+    entry = index["archs"][index["portable_ptx"]]
+    for kind, targets in JIT_ONTO.items():
+        tool = aot._ptxas(kind)
+        for name, k in entry["kernels"].items():
+            for target in targets:
+                out = tmp_path / f"{name}-{target}.cubin"
+                p = subprocess.run([tool.path, f"-arch={target}", str(kdir / k["files"]["ptx"]), "-o", str(out)],
+                                   capture_output=True, text=True, timeout=300)
+                assert p.returncode == 0, (kind, name, target, p.stderr[-2000:])
+                assert _cubin_sm(out.read_bytes()) == int(target[3:]), (kind, name, target)
+
+
+def test_fp16_attention_compiles_for_the_portable_arch(cache, tmp_path):
+    """fp16 exports compile the attention kernels for fp16 q/k/v/y: the portable PTX exists for them too."""
+    index = aot.write_kernels(tmp_path, get_config("Samba_421M"), archs=[aot.PORTABLE_PTX_ARCH], strict=True,
+                              dtype="fp16")
+    assert not index["errors"] and index["attention_dtype"] == "fp16" and index["portable_ptx"] == PORTABLE
+    kdir = tmp_path / "kernels"
+    for name, k in index["archs"][PORTABLE]["kernels"].items():
+        ptx = (kdir / k["files"]["ptx"]).read_text()
+        assert re.search(rf"^\.target {PORTABLE}\s*$", ptx, re.M) and re.search(r"^\.version 6\.3\s*$", ptx, re.M)
+        assert _cubin_sm((kdir / k["files"]["cubin"]).read_bytes()) == aot.PORTABLE_PTX_ARCH, name
+    meta = json.loads((kdir / index["archs"][PORTABLE]["kernels"]["swa_attention"]["files"]["meta"]).read_text())
+    assert meta["args"][0]["type"] == "*fp16"
+
+
+def test_ptx_versions_are_the_lowest_the_targets_allow(cache):
+    """Each arch's ISA is at least what Triton's LLVM accepts for its target (one below would abort the
+    process: compile_kernel refuses it with an error instead); the new archs use exactly that minimum."""
+    for a in ARCHS:
+        spec = aot.ARCHS[a]
+        assert spec.ptx_version >= aot.MIN_PTX_VERSION[a] and f"{spec.ptx_version / 10:.1f}" == PTX_VERSION[a]
+    for a in COMMON_X86:
+        assert aot.ARCHS[a].ptx_version == aot.MIN_PTX_VERSION[a]
+    scan = aot.kernel_specs({"d_state": 16, "head_size": 128})[0]
+    with pytest.raises(RuntimeError, match="does not know sm_80"):
+        aot.compile_kernel(scan, aot.ArchSpec(80, 63, "ptxas", "", ""))
+
+
 def test_cache_hits_and_keys(built, cache, tmp_path):
     _, index, _ = built
     root = aot.cache_root()
@@ -240,18 +331,17 @@ def test_launcher_passes_the_plugin_parameters(built, monkeypatch, route):
     kdir, index, _ = built
     fake = _FakeDriver()
     monkeypatch.setattr(trt_launch, "_driver", lambda: fake)
-    monkeypatch.setattr(trt_launch, "_functions", {})
-    trt_launch.set_kernels_dir(kdir)
+    kernels = trt_launch.KernelSet.open(kdir)
+    swa = trt_launch.Launcher(kernels, "SlidingWindowAttention", route)
+    scan = trt_launch.Launcher(kernels, "SelectiveScan", route)
     b, H, G, T, hs, W = 2, 12, 4, 37, 128, 2048
     ins, outs = [1024 * (i + 1) for i in range(6)], [1024 * (i + 10) for i in range(3)]
-    try:
-        trt_launch.launch_sliding_window_attention(ins, outs, batch=b, num_heads=H, num_kv_heads=G, seq=T,
-                                                   head_size=hs, window_rows=W - 1, window=W, scale=0.125,
-                                                   half=False, stream=7, route=route)
-        trt_launch.launch_selective_scan(ins[:1] * 9, outs[:2], batch=b, d_inner=3072, d_state=16, seq=T,
-                                         delta_softplus=1, stream=7, route=route)
-    finally:
-        trt_launch.set_kernels_dir(None)
+    trt_launch.launch_sliding_window_attention(swa, ins, outs, batch=b, num_heads=H, num_kv_heads=G, seq=T,
+                                               head_size=hs, window_rows=W - 1, window=W, scale=0.125,
+                                               half=False, stream=7)
+    trt_launch.launch_selective_scan(scan, ins[:1] * 9, outs[:2], batch=b, d_inner=3072, d_state=16, seq=T,
+                                     delta_softplus=1, stream=7)
+    assert all(x.endswith("cubin sm_90") for x in swa.loaded + scan.loaded)
     assert fake.images and all(im[:4] == b"\x7fELF" for im in fake.images)     # sm_90's cubins, not PTX
     if route == "python":
         attn, upd, scan = fake.launches
