@@ -365,8 +365,8 @@ class TrtBackend:
             self._bind(b, t, bound)
             self._execute()
             self._executed_shape = (b, t)
-            if t == 1 and self.use_graphs and key not in self._graphs:
-                self._capture(key)
+            if t == 1 and self.use_graphs and not host and key not in self._graphs:
+                self._capture(key)                           # (host states are one-call buffers: no graph)
         logits = np.empty((b, t if self._all_logits else 1, self.vocab), np.float32)
         self._copy(logits.ctypes.data, self.logits_buf, logits.nbytes, "DeviceToHost")
         self._sync()
