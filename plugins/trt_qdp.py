@@ -46,7 +46,7 @@ def aot_route_available() -> bool:
     return True
 
 
-def _kernel(kernels: str, op: str, sm: str) -> tuple[dict, bytes]:
+def aot_kernel(kernels: str, op: str, sm: str) -> tuple[dict, bytes]:
     """(record, PTX) of op's aot_impl kernel for `sm`, from the kernel set the node names (its `kernels`
     attribute, written by `samba-edge build`): the arch's own PTX, else the portable PTX."""
     from samba_edge.plugins.trt_launch import KernelSet
@@ -106,7 +106,7 @@ def register_aot_plugins(sm: str) -> None:
                  ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         if delta_softplus != 1:
             raise ValueError("samba::SelectiveScan kernels implement delta_softplus=1 only")
-        rec, ptx = _kernel(kernels, "SelectiveScan", sm)
+        rec, ptx = aot_kernel(kernels, "SelectiveScan", sm)
         return _launch(trtp, rec, ptx, {"u": u, "ssm_state": ssm_state}, {})
 
     @trtp.register(f"{NAMESPACE}::SlidingWindowAttention")
@@ -124,7 +124,7 @@ def register_aot_plugins(sm: str) -> None:
     def swa_aot(q: TD, k: TD, v: TD, k_window: TD, v_window: TD, start_pos: TD, window: int, scale: float,
                 num_heads: int, num_kv_heads: int, head_size: int, kernels: str, outputs: Tuple[TD], tactic: int
                 ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
-        rec, ptx = _kernel(kernels, "SlidingWindowAttention", sm)
+        rec, ptx = aot_kernel(kernels, "SlidingWindowAttention", sm)
         baked = rec["constexprs"]["SCALE"]
         if abs(baked - scale) > 1e-6 * abs(scale):
             raise ValueError(f"the kernel was compiled for scale {baked}, the node says {scale}: re-export")

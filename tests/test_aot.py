@@ -419,3 +419,36 @@ def test_aot_impl_launch_mapping(built):
     assert extra == (H, G, T, W, C, b * G)                          # H, G, T, W, C, BG: the kernel's order
     assert (lp.grid_x, lp.grid_y, lp.grid_z) == triton_swa.qdp_grid(T, C, b, H)
     assert lp.shared_mem == recs["swa_qdp"]["shared_mem_bytes"]
+
+
+def test_aot_impl_kernels_are_chosen_per_node_and_arch(built, tmp_path):
+    """The aot_impl route embeds the PTX of the kernel set its node names (by key), for the building GPU:
+    the arch's own PTX, else the portable one; a kernel needing a shared-memory opt-in is refused with
+    the fix (build checks this before TensorRT runs)."""
+    from samba_edge.plugins.trt_launch import KernelSet
+    from samba_edge.plugins.trt_qdp import aot_kernel
+    from samba_edge.runtime.errors import SambaEdgeError
+
+    kdir, index, _ = built
+    ks = KernelSet.open(kdir.parent)
+    for sm, want in (("sm_90", "sm_90"), ("sm_86", "sm_86"), ("sm_121", PORTABLE)):
+        rec, ptx = aot_kernel(ks.key, "SelectiveScan", sm)
+        assert rec["arch"] == want and rec["entry"] == "selective_scan_qdp_kernel"
+        assert ptx == (kdir / rec["files"]["ptx"]).read_bytes()          # the PTX itself, no NUL appended
+    fat = json.loads((kdir / rec["files"]["meta"]).read_text())
+    (tmp_path / "kernels").mkdir()
+    for f in kdir.rglob("*"):                                          # a copy whose attention kernel is too big
+        dst = tmp_path / "kernels" / f.relative_to(kdir)
+        if f.is_dir():
+            dst.mkdir(exist_ok=True)
+        else:
+            rec_ = json.loads(f.read_text()) if f.suffix == ".json" and f.name != "kernels.json" else None
+            if rec_ and rec_.get("kernel") == "swa_qdp":
+                rec_.update(needs_shared_mem_opt_in=True, shared_mem_bytes=73728)
+                dst.write_text(json.dumps(rec_))
+            else:
+                dst.write_bytes(f.read_bytes())
+    big = KernelSet.open(tmp_path)
+    assert big.key != ks.key and fat["kernel"] == "selective_scan_qdp"
+    with pytest.raises(SambaEdgeError, match="plugin-route python"):
+        aot_kernel(big.key, "SlidingWindowAttention", "sm_90")

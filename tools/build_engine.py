@@ -168,7 +168,7 @@ def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[in
         from samba_edge.plugins.trt_import import cache_dir
 
         timing_cache = str(cache_dir() / "timing" / f"{target}-{info.flavor}-{info.version}.cache")
-    route = _register_plugins(export_dir, plugin_route) if manifest.flavor == "plugin" else None
+    route, sm = _register_plugins(plugin_route) if manifest.flavor == "plugin" else (None, None)
     log = _Logger(trt, verbose)
     builder = trt.Builder(log.logger)
     flags = 0
@@ -185,7 +185,7 @@ def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[in
         print(f"parsing {onnx_path} ({info.flavor} {info.version})", file=sys.stderr, flush=True)
     kernels_key = None
     if route is not None:                 # the plugin nodes as the parser must see them (plugins/trt_parser.py)
-        graph, kernels_key = _plugin_graph(trt, info, export_dir, onnx_path, route)
+        graph, kernels_key = _plugin_graph(trt, info, export_dir, onnx_path, route, sm)
         ok = parser.parse(graph, str(onnx_path))      # the path: external weights are read beside the file
     else:                                 # parse_from_file resolves external data (model.onnx.data) next to the file
         ok = parser.parse_from_file(str(onnx_path))
@@ -281,8 +281,9 @@ def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[in
     return out
 
 
-def _register_plugins(export_dir: Path, plugin_route: str) -> str:
-    """Register the samba.* plugins for one route (both claim samba::NAME version 1, so never both)."""
+def _register_plugins(plugin_route: str) -> tuple[str, Optional[str]]:
+    """Register the samba.* plugins for one route (both claim samba::NAME version 1, so never both).
+    Returns (route, the building GPU's sm_XX for the aot_impl route)."""
     from samba_edge.plugins.trt_qdp import aot_route_available, register_aot_plugins
 
     if plugin_route == "auto":
@@ -299,14 +300,14 @@ def _register_plugins(export_dir: Path, plugin_route: str) -> str:
             raise SambaEdgeError("--plugin-route aot embeds PTX for the building GPU, and no GPU is visible; "
                                  "build on the target device (or use --plugin-route python)")
         register_aot_plugins(sm)
-        return "aot_impl"
+        return "aot_impl", sm
     from samba_edge.plugins.trt_plugins import register_plugins
 
     register_plugins()
-    return "python"
+    return "python", None
 
 
-def _plugin_graph(trt, info, export_dir: Path, onnx_path: Path, route: str) -> tuple[bytes, str]:
+def _plugin_graph(trt, info, export_dir: Path, onnx_path: Path, route: str, sm: Optional[str]) -> tuple[bytes, str]:
     """model.onnx with the plugin nodes marked for this build (namespace, the kernels they launch, aot) and
     checked against the parser's lookup rules of TensorRT 10.3 and of this TensorRT; weights stay external."""
     import onnx
@@ -315,6 +316,11 @@ def _plugin_graph(trt, info, export_dir: Path, onnx_path: Path, route: str) -> t
     from samba_edge.plugins.trt_parser import check_lookup, mark_plugin_nodes
 
     kernels = KernelSet.open(export_dir)          # python route: enqueue (also during the build) launches these
+    if route == "aot_impl":                       # refuse here what aot_impl would refuse inside TensorRT's build
+        from samba_edge.plugins.trt_qdp import aot_kernel
+
+        for op in ("SelectiveScan", "SlidingWindowAttention"):
+            aot_kernel(kernels.key, op, sm)
     proto = onnx.load(str(onnx_path), load_external_data=False)
     mark_plugin_nodes(proto, kernels=kernels.key, aot=route == "aot_impl")
     registry = trt.get_plugin_registry()
