@@ -489,7 +489,15 @@ def eval_grid_expr(expr: str, names: dict, cdiv=None):
             return cdiv(ev(node.args[0]), ev(node.args[1]))
         raise ValueError(f"unsupported grid expression {expr!r}")
 
-    return ev(ast.parse(expr, mode="eval"))
+    return ev(_parse_grid(expr))
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_grid(expr: str):
+    """Grid formulas are few and fixed per record: parse each once (enqueue evaluates them per launch)."""
+    import ast
+
+    return ast.parse(expr, mode="eval")
 
 
 def eval_grid(record: dict, shapes: dict[str, tuple]) -> tuple[int, int, int]:

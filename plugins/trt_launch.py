@@ -209,6 +209,8 @@ class Launcher:
         out = []
         for name in self.kernels.kernel_names(self.op, self.route):
             rec, image = self.kernels.image(name, sm, self.force)
+            qtype = next((a["type"] for a in rec["args"] if a["value"].get("name") in ("q", "k")), None)
+            rec = {**rec, "activation_type": qtype} if qtype else rec
             out.append((rec, self.kernels.function(driver, ctx, rec, image)))
             self.loaded.append(f"{rec['entry']}: {image.describe()}")
         return sorted(out, key=lambda rf: rf[0]["launch_order"])
@@ -217,9 +219,9 @@ class Launcher:
         driver = _driver()
         if self._prepared is None:
             self._prepared = self._prepare(driver)
+        want = "*fp16" if half else "*fp32"
         for rec, fn in self._prepared:
-            want = "*fp16" if half else "*fp32"
-            qtype = next((a["type"] for a in rec["args"] if a["value"].get("name") in ("q", "k")), want)
+            qtype = rec.get("activation_type", want)
             if qtype != want:
                 raise SambaEdgeError(f"{rec['entry']} was compiled for {qtype} activations but the engine feeds "
                                      f"{want}: re-export with kernels for this dtype")
