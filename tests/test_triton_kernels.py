@@ -123,20 +123,116 @@ def _worker(out: Path) -> None:
         worst["seconds"] = time.perf_counter() - t0
         results[cid] = worst
 
-    # tools/gpu_check.py's correctness checks, run here on CPU at tiny sizes (guards the script itself)
-    import triton
+    # tools/gpu_first_run.py's checks, run here on CPU at tiny sizes (guards the script itself): the JIT ones as
+    # they are; the AOT, CUDA-graph and garbage-start_pos ones through the real launcher (plugins/trt_launch.py)
+    # and kernels compiled ahead of time, with a stand-in driver that runs each launch's Triton kernel under the
+    # interpreter on the tensors behind its pointers, records launches into a capturing stream, replays graphs.
+    import ctypes
+    from types import SimpleNamespace
 
-    from samba_edge.tools import gpu_check
+    from samba_edge.plugins import trt_launch
+    from samba_edge.tools import gpu_first_run as gfr
 
     t0 = time.perf_counter()
-    gpu_check.DEVICE = "cpu"
-    chk = gpu_check.Checker(torch, triton, quick=True)
-    sz = {"E": 40, "N": 16, "H": 4, "G": 2, "hs": 16, "W": 8}
+    gfr.DEVICE = "cpu"
+    chk = gfr.Checker(torch, quick=True)
+    sz = {"E": 40, "N": 16, "H": 4, "G": 2, "hs": 32, "W": 8}     # hs 16: sm_75's fp16 attention aborts LLVM
     for T in (1, 12):
-        chk.check(f"scan T={T}", lambda T=T: chk.scan_jit(sz, 2, T))
-        chk.check(f"swa T={T}", lambda T=T: chk.swa_jit(sz, 2, T, [0, 29], torch.float32))
-    results["gpu_check-checks"] = {"checks": chk.checks, "seconds": time.perf_counter() - t0}
-    out.write_text(json.dumps(results, indent=2))
+        chk.check("jit", f"scan T={T}", lambda T=T: chk.scan_jit(sz, 2, T))
+        chk.check("jit", f"swa T={T}", lambda T=T: chk.swa_jit(sz, 2, T, [0, 29], torch.float32))
+    kroot = out.parent / "gpu_first_run_kernels"            # compiled in a process without the interpreter
+    code = ("import sys; from pathlib import Path; from samba_edge.tools.gpu_first_run import prepare_kernels; "
+            f"prepare_kernels(Path(sys.argv[1]), 90, {{'smoke': {sz!r}}}, jobs=2)")
+    subprocess.run([sys.executable, "-c", code, str(kroot)], check=True, timeout=900,
+                   env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    sets = gfr.kernel_sets(kroot, {"smoke": sz})
+    tensors = {}
+
+    def ptr(t):
+        tensors[t.data_ptr()] = t
+        return t.data_ptr()
+
+    class InterpretingDriver:
+        CUdevice_attribute = SimpleNamespace(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR="major",
+                                             CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR="minor")
+        CUfunction_attribute = SimpleNamespace(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES=8)
+        CUstream_flags = SimpleNamespace(CU_STREAM_NON_BLOCKING=1)
+        CUstreamCaptureMode = SimpleNamespace(CU_STREAM_CAPTURE_MODE_THREAD_LOCAL=1)
+
+        def __init__(self, constexprs):
+            self.constexprs, self.images, self.capturing, self.graphs = constexprs, [], {}, []
+
+        def cuCtxGetCurrent(self):
+            return (0, 1)
+
+        def cuCtxGetDevice(self):
+            return (0, 0)
+
+        def cuDeviceGetAttribute(self, attr, dev):
+            return (0, {"major": 9, "minor": 0}[attr])
+
+        def cuModuleLoadData(self, image):
+            self.images.append(image)
+            return (0, len(self.images))
+
+        def cuModuleGetFunction(self, mod, name):
+            return (0, name.decode())
+
+        def cuFuncSetAttribute(self, fn, attr, value):
+            return (0,)
+
+        def cuLaunchKernel(self, f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+            if stream in self.capturing:
+                self.capturing[stream].append((f, (gx, gy, gz), params))
+            else:
+                self._run(f, (gx, gy, gz), params)
+            return (0,)
+
+        def _run(self, f, grid, params):
+            values, types = params                              # minus Triton's two trailing scratch pointers
+            args = [tensors[v] if t is ctypes.c_void_p else v for v, t in zip(values[:-2], types[:-2])]
+            getattr(triton_swa if f.startswith("swa") else triton_scan, f)[grid](*args, **self.constexprs[f])
+
+        def cuStreamCreate(self, flags):
+            return (0, 7)
+
+        def cuStreamDestroy(self, stream):
+            return (0,)
+
+        def cuStreamBeginCapture(self, stream, mode):
+            self.capturing[stream] = []
+            return (0,)
+
+        def cuStreamEndCapture(self, stream):
+            self.graphs.append(self.capturing.pop(stream))
+            return (0, len(self.graphs) - 1)
+
+        def cuGraphGetNodes(self, graph, numNodes=0):
+            return (0, None, len(self.graphs[graph]))
+
+        def cuGraphInstantiate(self, graph, flags):
+            return (0, graph)
+
+        def cuGraphLaunch(self, exe, stream):
+            for launch in self.graphs[exe]:
+                self._run(*launch)
+            return (0,)
+
+        def cuGraphExecDestroy(self, exe):
+            return (0,)
+
+        def cuGraphDestroy(self, graph):
+            return (0,)
+
+    constexprs = {r["entry"]: r["constexprs"] for s in sets for r in trt_launch.KernelSet(s["path"]).records.values()}
+    fake = InterpretingDriver(constexprs)
+    gfr.ptr, trt_launch._driver = ptr, (lambda: fake)
+    gfr.run_aot(chk, sets, {"smoke": sz}, "sm_90", seqs=(1, 12))
+    gfr.run_graph(chk, gfr.pick(sets, "smoke"), sz, steps=3)
+    gfr.run_garbage_direct(chk, [gfr.pick(sets, "smoke")], {"smoke": sz}, time_limit=600.0, seqs=(1, 12))
+    results["gpu_first_run-checks"] = {"checks": chk.checks, "seconds": time.perf_counter() - t0,
+                                       "sets": [s["name"] for s in sets], "modules_loaded": len(fake.images)}
+    out.write_text(json.dumps(results, indent=2, default=str))
 
 
 # ---- pytest side -----------------------------------------------------------------------------
@@ -176,10 +272,41 @@ def test_sliding_window_attention_matches_reference(interp_results, cid):
         assert r["vs_numpy"] <= TOL, r
 
 
-def test_gpu_check_checks_run_on_cpu(interp_results):
-    """The correctness checks of tools/gpu_check.py pass when run on CPU through the interpreter."""
-    checks = interp_results["gpu_check-checks"]["checks"]
-    assert len(checks) == 4 and all(c["ok"] for c in checks), checks
+def test_gpu_first_run_checks_run_on_cpu(interp_results):
+    """tools/gpu_first_run.py's checks pass on CPU through the interpreter: the JIT ones, and the AOT (3 images x
+    2 routes, fp32 and fp16 sets), CUDA-graph and garbage-start_pos ones through the real launcher with a
+    stand-in driver (a check of the script's plumbing and verdicts, not of a GPU)."""
+    res = interp_results["gpu_first_run-checks"]
+    bad = [{k: v for k, v in c.items() if k != "loaded"} for c in res["checks"] if not c["ok"]]
+    assert not bad, bad
+    groups = {}
+    for c in res["checks"]:
+        groups[c["group"]] = groups.get(c["group"], 0) + 1
+    # aot: a kernels check per set; the scan (fp32 set) and attention (both sets) x T 2 x images 3 x routes 2
+    assert res["sets"] == ["smoke-fp32", "smoke-fp16"]
+    assert groups == {"jit": 4, "aot": 2 + 12 + 24, "graph": 2, "garbage-start-pos": 4}, groups
+    aot = [c for c in res["checks"] if c["group"] == "aot" and "loaded" in c]
+    assert {c["loaded"][0].split(": ")[1] for c in aot} == {"cubin sm_90", "PTX sm_90 (driver JIT)",
+                                                            "portable PTX sm_75 (driver JIT)"}
+    graphs = [c for c in res["checks"] if c["group"] == "graph"]
+    assert [c["graph_nodes"] for c in graphs] == [[3, 3], [2, 2]]          # python route: 3 kernels, aot_impl: 2
+
+
+def test_gpu_first_run_without_gpu_exits_2(tmp_path):
+    """Without a GPU, `python -m samba_edge.tools.gpu_first_run` says so in one line on stderr, exits 2 and
+    writes no report."""
+    from samba_edge.tools import gpu_first_run
+
+    out = tmp_path / "report.json"
+    p = subprocess.run([sys.executable, "-m", "samba_edge.tools.gpu_first_run", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert len(p.stderr.splitlines()) == 1 and p.stderr.startswith("error: no CUDA GPU here ("), p.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
+    # the memcheck verdict: compute-sanitizer's last ERROR SUMMARY line
+    assert gpu_first_run.sanitizer_errors("========= ERROR SUMMARY: 0 errors\n") == 0
+    assert gpu_first_run.sanitizer_errors("x\n========= ERROR SUMMARY: 1 error\n") == 1
+    assert gpu_first_run.sanitizer_errors("Device not supported\n") is None
 
 
 def test_wrappers_have_the_reference_signatures():
