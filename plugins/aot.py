@@ -12,7 +12,7 @@ so pass null).
                                              # + out_dir/kernels/kernels.json (the index, returned)
 
 Archs: sm_75/80/86/87/89/90/100/110/120 (ARCHS), each with its cubin and its own PTX; sm_75's PTX
-(non-"a" target, ISA 6.3) is also the portable PTX (index["portable_ptx"]) that the driver of any
+(non-"a" target, ISA 6.5) is also the portable PTX (index["portable_ptx"]) that the driver of any
 newer GPU JIT-compiles. A launcher picks: exact cubin -> same-arch PTX -> portable PTX.
 
 Shapes (E, T, H, G, W, ...) are runtime arguments, so one compile per arch serves every model with
@@ -74,7 +74,7 @@ class ArchSpec:
 # PTX versions: a driver JIT-compiles PTX only up to the ISA version of its own CUDA release, and
 # Triton's default is the ISA of the ptxas it ships (PTX 8.8 for CUDA 12.9, 9.4 for 13.4) -- too new
 # for the drivers our users have. So each arch gets the lowest ISA that knows its target:
-#  - sm_75 Turing (T4, RTX 20): ISA 6.3 (CUDA 10.0). Also the PORTABLE PTX (below).
+#  - sm_75 Turing (T4, RTX 20): ISA 6.5 (CUDA 10.2; see the ArchSpec). Also the PORTABLE PTX (below).
 #  - sm_80 A100/A30: ISA 7.0 (CUDA 11.0); sm_86 A10/A40/RTX 30: ISA 7.1 (CUDA 11.1);
 #    sm_89 L4/L40/RTX 40: ISA 7.8 (CUDA 11.8). Triton emits identical code at these ISAs and at 8.x.
 #  - sm_87 Jetson Orin: JetPack 6.1/6.2 = L4T r36.4 = CUDA 12.6, whose driver accepts PTX ISA <= 8.5
@@ -89,7 +89,9 @@ class ArchSpec:
 # "a" targets (sm_90a, ...) are arch-specific: sm_90a code runs on CC 9.0 only, sm_100a on 10.0 only.
 # Triton 3.9 emits non-"a" targets below sm_90, whose PTX any later GPU's driver can JIT-compile.
 ARCHS: dict[int, ArchSpec] = {a.arch: a for a in (
-    ArchSpec(75, 63, "ptxas", "T4 / RTX 20xx / Quadro RTX (Turing)", "CUDA 10.0 driver (R410) or newer"),
+    # 6.5, not the 6.3 LLVM accepts: fp16 attention at head size <= 16 selects ldmatrix (ISA 6.5), and
+    # at 6.3 LLVM aborts the process ("Cannot select: intrinsic llvm.nvvm.ldmatrix")
+    ArchSpec(75, 65, "ptxas", "T4 / RTX 20xx / Quadro RTX (Turing)", "CUDA 10.2 driver (R440) or newer"),
     ArchSpec(80, 70, "ptxas", "A100 / A30 / A800", "CUDA 11.0 driver (R450) or newer"),
     ArchSpec(86, 71, "ptxas", "A10 / A16 / A40 / RTX 30xx / RTX A2000-A6000", "CUDA 11.1 driver (R455) or newer"),
     ArchSpec(87, 85, "ptxas", "Jetson AGX Orin / Orin NX / Orin Nano", "JetPack 6.1/6.2 (CUDA 12.6 driver) or newer"),
@@ -100,7 +102,7 @@ ARCHS: dict[int, ArchSpec] = {a.arch: a for a in (
     ArchSpec(120, 87, "ptxas", "RTX 50xx / RTX PRO Blackwell", "CUDA 12.8 driver (R570) or newer"),
 )}
 
-# The portable PTX: the lowest arch's PTX, a non-"a" target at a low ISA (sm_75, ISA 6.3 = CUDA 10.0),
+# The portable PTX: the lowest arch's PTX, a non-"a" target at a low ISA (sm_75, ISA 6.5 = CUDA 10.2),
 # which the driver of any newer GPU JIT-compiles -- GPUs without an exact image of their own (sm_103
 # B300, sm_121 GB10, ...) and older drivers than an arch's own PTX needs (JetPack 5 / 6.0 on Orin).
 # The index names it: index["portable_ptx"] = "sm_75" (None when sm_75 was not compiled).

@@ -1,5 +1,5 @@
 """Ahead-of-time kernels (plugins/aot.py): PTX + cubin for sm_75/80/86/87/89/90/100/110/120 with no
-GPU, the portable PTX (sm_75, non-"a", ISA 6.3) that newer GPUs' drivers JIT, launcher metadata
+GPU, the portable PTX (sm_75, non-"a", ISA 6.5) that newer GPUs' drivers JIT, launcher metadata
 complete and consistent with the PTX and the host wrappers, ptxas accepts the PTX, the cache works,
 the exporter ships them; tools/gpu_check.py fails cleanly without a GPU."""
 from __future__ import annotations
@@ -24,7 +24,7 @@ from samba_edge.plugins import aot  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = [75, 80, 86, 87, 89, 90, 100, 110, 120]
-PTX_VERSION = {75: "6.3", 80: "7.0", 86: "7.1", 87: "8.5", 89: "7.8", 90: "8.0", 100: "8.7", 110: "9.0", 120: "8.7"}
+PTX_VERSION = {75: "6.5", 80: "7.0", 86: "7.1", 87: "8.5", 89: "7.8", 90: "8.0", 100: "8.7", 110: "9.0", 120: "8.7"}
 COMMON_X86 = [75, 80, 86, 89]            # T4 / RTX 20, A100 / A30, A10 / A40 / RTX 30, L4 / L40 / RTX 40
 PORTABLE = "sm_75"
 KERNELS = ["selective_scan", "selective_scan_qdp", "swa_attention", "swa_qdp", "swa_window_update"]
@@ -232,15 +232,17 @@ def test_ptxas_assembles_the_portable_ptx_for_newer_archs(built, tmp_path):
                 assert _cubin_sm(out.read_bytes()) == int(target[3:]), (kind, name, target)
 
 
-def test_fp16_attention_compiles_for_the_portable_arch(cache, tmp_path):
-    """fp16 exports compile the attention kernels for fp16 q/k/v/y: the portable PTX exists for them too."""
-    index = aot.write_kernels(tmp_path, get_config("Samba_421M"), archs=[aot.PORTABLE_PTX_ARCH], strict=True,
-                              dtype="fp16")
+@pytest.mark.parametrize("cfg", [{"d_state": 16, "head_size": 128}, {"d_state": 8, "head_size": 8}],
+                         ids=["421M", "head8"])
+def test_fp16_attention_compiles_for_the_portable_arch(cache, tmp_path, cfg):
+    """fp16 exports compile the attention kernels for fp16 q/k/v/y: the portable PTX exists for them too,
+    at small head sizes as well (where Triton selects ldmatrix: ISA 6.3 made LLVM abort the process)."""
+    index = aot.write_kernels(tmp_path, cfg, archs=[aot.PORTABLE_PTX_ARCH], strict=True, dtype="fp16")
     assert not index["errors"] and index["attention_dtype"] == "fp16" and index["portable_ptx"] == PORTABLE
     kdir = tmp_path / "kernels"
     for name, k in index["archs"][PORTABLE]["kernels"].items():
         ptx = (kdir / k["files"]["ptx"]).read_text()
-        assert re.search(rf"^\.target {PORTABLE}\s*$", ptx, re.M) and re.search(r"^\.version 6\.3\s*$", ptx, re.M)
+        assert re.search(rf"^\.target {PORTABLE}\s*$", ptx, re.M) and re.search(r"^\.version 6\.5\s*$", ptx, re.M)
         assert _cubin_sm((kdir / k["files"]["cubin"]).read_bytes()) == aot.PORTABLE_PTX_ARCH, name
     meta = json.loads((kdir / index["archs"][PORTABLE]["kernels"]["swa_attention"]["files"]["meta"]).read_text())
     assert meta["args"][0]["type"] == "*fp16"
@@ -248,12 +250,13 @@ def test_fp16_attention_compiles_for_the_portable_arch(cache, tmp_path):
 
 def test_ptx_versions_are_the_lowest_the_targets_allow(cache):
     """Each arch's ISA is at least what Triton's LLVM accepts for its target (one below would abort the
-    process: compile_kernel refuses it with an error instead); the new archs use exactly that minimum."""
+    process: compile_kernel refuses it with an error instead); the new archs use that minimum (sm_75: the
+    minimum ldmatrix needs)."""
     for a in ARCHS:
         spec = aot.ARCHS[a]
         assert spec.ptx_version >= aot.MIN_PTX_VERSION[a] and f"{spec.ptx_version / 10:.1f}" == PTX_VERSION[a]
-    for a in COMMON_X86:
-        assert aot.ARCHS[a].ptx_version == aot.MIN_PTX_VERSION[a]
+    for a in COMMON_X86:                           # sm_75: 6.5 for ldmatrix (test_fp16_attention_compiles_...)
+        assert aot.ARCHS[a].ptx_version == (65 if a == 75 else aot.MIN_PTX_VERSION[a])
     scan = aot.kernel_specs({"d_state": 16, "head_size": 128})[0]
     with pytest.raises(RuntimeError, match="does not know sm_80"):
         aot.compile_kernel(scan, aot.ArchSpec(80, 63, "ptxas", "", ""))
