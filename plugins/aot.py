@@ -3,7 +3,7 @@
 No GPU is needed: `triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda",
 ARCH, 32))` runs Triton's compiler and NVIDIA's `ptxas` on the host. For each kernel and arch this
 writes the PTX, the cubin and a JSON record with everything a launcher (the TensorRT plugin's
-`enqueue`, or tools/gpu_check.py) needs: entry name, block size (num_warps * 32), dynamic shared
+`enqueue`, or tools/gpu_first_run.py) needs: entry name, block size (num_warps * 32), dynamic shared
 memory bytes, the grid formula, and the exact argument order, including the two trailing pointer
 parameters Triton appends to every kernel (global and profile scratch; both sizes are checked to be 0,
 so pass null).
@@ -468,7 +468,7 @@ def load_index(artifact_dir: Path) -> dict:
     return json.loads((Path(artifact_dir) / KERNELS_DIR / INDEX).read_text())
 
 
-# ---- for launchers written in Python (tools/gpu_check.py, tests) -----------------------------
+# ---- for launchers written in Python (plugins/trt_launch.py, tools/gpu_first_run.py, tests) -----------------------------
 def eval_grid_expr(expr: str, names: dict, cdiv=None):
     """Evaluate a grid expression: integers, names, +, *, cdiv(a, b). Nothing else is accepted.
     With `cdiv` given, names may be symbolic (TensorRT shape expressions, plugins/trt_qdp.py)."""

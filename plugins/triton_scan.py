@@ -110,7 +110,7 @@ def selective_scan_qdp_kernel(
 # ---- host side ------------------------------------------------------------------------------
 # Launch configuration (also what plugins/aot.py compiles). BLOCK_E * BLOCK_N state values live in
 # registers: 32 x 16 over 4 warps is 4 per thread (ptxas: 72 registers, no spills, in the AOT builds
-# for sm_87..sm_120). Not tuned on a GPU yet (tools/gpu_check.py sweeps it).
+# for sm_87..sm_120). Not tuned on a GPU yet (tools/gpu_first_run.py --sweep sweeps it).
 BLOCK_E = 32
 NUM_WARPS = 4
 NUM_STAGES = 1          # the loop prefetches by hand; Triton's pipeliner has nothing to add

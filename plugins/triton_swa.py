@@ -179,7 +179,7 @@ def swa_qdp_kernel(
 # Chosen from ptxas resource reports, not GPU timings: with exact-fp32 dots, 16 x 32 blocks over 4
 # warps and 2 pipeline stages use ~110 registers and 42 KB shared memory at head_size 128 in the AOT
 # builds (no spills, no shared-memory opt-in needed); 32 x 32 / 64 x 64 blocks spilled or needed
-# > 48 KB. Small BLOCK_M also wastes less on decode (T = 1). tools/gpu_check.py measures them.
+# > 48 KB. Small BLOCK_M also wastes less on decode (T = 1). tools/gpu_first_run.py measures them.
 BLOCK_M = 16
 BLOCK_N = 32
 NUM_WARPS = 4
