@@ -209,7 +209,7 @@ def kernel_specs(cfg, dtype: str = "fp32") -> list[KernelSpec]:
                    {"b": _dim("u", 0), "E": _dim("u", 1)}),
         KernelSpec("swa_attention", "SlidingWindowAttention", "triton_swa", "swa_fwd_kernel", swa_args,
                    {"HEAD_DIM": hs, "BLOCK_D": bd, "BLOCK_M": tw.BLOCK_M, "BLOCK_N": tw.BLOCK_N},
-                   tw.NUM_WARPS, tw.NUM_STAGES, (f"cdiv(T, {tw.BLOCK_M})", "b * H", "1"),
+                   tw.NUM_WARPS, tw.num_stages(dtype == "fp16"), (f"cdiv(T, {tw.BLOCK_M})", "b * H", "1"),
                    {"b": _dim("q", 0), "H": _dim("q", 1), "T": _dim("q", 2)}, launch_order=0),
         KernelSpec("swa_window_update", "SlidingWindowAttention", "triton_swa", "swa_window_update_kernel", upd_args,
                    {"HEAD_DIM": hs, "BLOCK_D": bd, "BLOCK_R": tw.BLOCK_R}, tw.UPDATE_NUM_WARPS, 1,
@@ -225,7 +225,7 @@ def kernel_specs(cfg, dtype: str = "fp32") -> list[KernelSpec]:
                    + (swa_args[6],) + upd_args[4:6],
                    {"SCALE": float(_cfg_get(cfg, "head_size")) ** -0.5, "HEAD_DIM": hs, "BLOCK_D": bd,
                     "BLOCK_M": tw.BLOCK_M, "BLOCK_N": tw.BLOCK_N, "BLOCK_R": tw.BLOCK_R},
-                   tw.NUM_WARPS, tw.NUM_STAGES, (f"cdiv(T, {tw.BLOCK_M}) + cdiv(C, {tw.BLOCK_R})", "b * H", "1"),
+                   tw.NUM_WARPS, tw.num_stages(dtype == "fp16"), (f"cdiv(T, {tw.BLOCK_M}) + cdiv(C, {tw.BLOCK_R})", "b * H", "1"),
                    {"b": _dim("q", 0), "H": _dim("q", 1), "T": _dim("q", 2), "C": _dim("k_window", 2)},
                    route="aot_impl"),
     ]
@@ -338,7 +338,7 @@ def compile_kernel(spec: KernelSpec, arch: ArchSpec) -> tuple[Path, dict]:
     ptxas = _ptxas(arch.ptxas)
     key = _cache_key(spec, arch, ptxas.version)
     root = cache_root()
-    final = root / f"{spec.name}-{arch.sm}-{key[:24]}"
+    final = _cached(spec, arch)
     if (final / "meta.json").is_file():
         return final, json.loads((final / "meta.json").read_text())
 
@@ -401,6 +401,37 @@ def compile_kernel(spec: KernelSpec, arch: ArchSpec) -> tuple[Path, dict]:
     return final, record
 
 
+def _cached(spec: KernelSpec, arch: ArchSpec) -> Path:
+    """The cache folder of one (kernel, arch) compile; meta.json in it means it is done."""
+    return cache_root() / f"{spec.name}-{arch.sm}-{_cache_key(spec, arch, _ptxas(arch.ptxas).version)[:24]}"
+
+
+def _compile_quietly(spec: KernelSpec, arch: ArchSpec) -> None:
+    try:
+        compile_kernel(spec, arch)
+    except Exception:  # noqa: BLE001 - write_kernels compiles it again in-process and records the error
+        pass
+
+
+def _precompile(jobs: list[tuple[KernelSpec, ArchSpec]]) -> None:
+    """Fill the cache for the jobs it lacks in parallel processes (each compile is one CPU-bound
+    Triton + ptxas run; exports compile 5 kernels x 9 archs). Best effort: whatever a worker did not
+    leave in the cache, write_kernels compiles in-process, where errors are recorded."""
+    import concurrent.futures
+    import multiprocessing
+
+    todo = [(s, a) for s, a in jobs if not (_cached(s, a) / "meta.json").is_file()]
+    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+                  len(todo))
+    if workers < 2 or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    try:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_compile_quietly, *zip(*todo)))
+    except Exception as e:  # noqa: BLE001 - e.g. a worker killed by an LLVM abort: go on serially
+        log.warning("parallel kernel compilation stopped (%s); compiling in-process", type(e).__name__)
+
+
 def write_kernels(out_dir: Path, cfg, archs: Optional[list[int]] = None, strict: bool = False,
                   dtype: str = "fp32") -> dict:
     """Compile every kernel of the plugin ops for every arch into out_dir/kernels/; returns the index.
@@ -429,6 +460,7 @@ def write_kernels(out_dir: Path, cfg, archs: Optional[list[int]] = None, strict:
             index["ops"].setdefault(s.op, []).append(s.name)
         else:
             index.setdefault("aot_impl", {})[s.op] = s.name
+    _precompile([(s, ARCHS[a]) for a in (archs or sorted(ARCHS)) for s in specs])
     for a in (archs or sorted(ARCHS)):
         arch = ARCHS[a]
         entry = {"arch": arch.arch, "ptx_target": arch.ptx_target, "arch_specific": arch.arch_specific,

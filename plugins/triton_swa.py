@@ -180,12 +180,19 @@ def swa_qdp_kernel(
 # warps and 2 pipeline stages use ~110 registers and 42 KB shared memory at head_size 128 in the AOT
 # builds (no spills, no shared-memory opt-in needed); 32 x 32 / 64 x 64 blocks spilled or needed
 # > 48 KB. Small BLOCK_M also wastes less on decode (T = 1). tools/gpu_first_run.py measures them.
+# fp16 q/k/v: one stage. With two, sm_80+ builds need 72 KB of shared memory (an opt-in the aot_impl
+# route cannot make), 255 registers and 328 B of stack spills; with one, 40 KB, 80-116 registers, none.
 BLOCK_M = 16
 BLOCK_N = 32
 NUM_WARPS = 4
 NUM_STAGES = 2
+NUM_STAGES_FP16 = 1
 BLOCK_R = 32
 UPDATE_NUM_WARPS = 4
+
+
+def num_stages(half: bool) -> int:
+    return NUM_STAGES_FP16 if half else NUM_STAGES
 
 
 def block_d(head_size: int) -> int:
@@ -230,13 +237,13 @@ def sliding_window_attention(q, k, v, k_window, v_window, start_pos, window: int
             swa_qdp_kernel[qdp_grid(T, C, b, H, block_m, block_r)](
                 q, k, v, k_window, v_window, start_pos, H, G, T, int(window), C, b * G, y, k_out, v_out,
                 SCALE=float(scale), HEAD_DIM=hs, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-                num_warps=num_warps, num_stages=NUM_STAGES, enable_fp_fusion=True)
+                num_warps=num_warps, num_stages=num_stages(q.dtype == torch.float16), enable_fp_fusion=True)
         return y, k_out, v_out
     if b and H and T:
         swa_fwd_kernel[fwd_grid(T, b, H, block_m)](
             q, k, v, k_window, v_window, start_pos, y, H, G, T, int(window), C, float(scale),
             HEAD_DIM=hs, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-            num_stages=NUM_STAGES, enable_fp_fusion=True)
+            num_stages=num_stages(q.dtype == torch.float16), enable_fp_fusion=True)
     if b and G and C:
         swa_window_update_kernel[update_grid(C, b, G, block_r)](
             k, v, k_window, v_window, k_out, v_out, T, C,

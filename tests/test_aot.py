@@ -248,6 +248,16 @@ def test_fp16_attention_compiles_for_the_portable_arch(cache, tmp_path, cfg):
     assert meta["args"][0]["type"] == "*fp16"
 
 
+def test_fp16_attention_needs_no_shared_memory_opt_in(cache, tmp_path):
+    """One pipeline stage for fp16 q/k/v keeps every arch under 48 KB of shared memory (the aot_impl route
+    cannot opt in) and free of register spills (two stages: 72 KB, 255 registers, 328 B of stack on sm_80+)."""
+    index = aot.write_kernels(tmp_path, get_config("Samba_421M"), archs=[80, 90], strict=True, dtype="fp16")
+    for sm, name, rec in _records(tmp_path / "kernels", index):
+        assert not rec["needs_shared_mem_opt_in"], (sm, name, rec["shared_mem_bytes"])
+        if rec.get("resources"):
+            assert rec["resources"]["stack_bytes"] <= 64, (sm, name, rec["resources"])      # 2 stages: 328
+
+
 def test_ptx_versions_are_the_lowest_the_targets_allow(cache):
     """Each arch's ISA is at least what Triton's LLVM accepts for its target (one below would abort the
     process: compile_kernel refuses it with an error instead); the new archs use that minimum (sm_75: the
