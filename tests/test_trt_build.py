@@ -346,7 +346,7 @@ def test_fp16_and_int8_artifacts_build(tmp_path):
 def test_engine_dir_is_self_contained_and_checked(plugin_build, tmp_path):
     import shutil
 
-    from samba_edge.runtime.trt_backend import check_engine_dir
+    from samba_edge.runtime.engine_dir import check_engine_dir
 
     out, _ = plugin_build
     meta, man = check_engine_dir(out)
@@ -374,7 +374,7 @@ def test_engine_dir_is_self_contained_and_checked(plugin_build, tmp_path):
 
 def test_trt_backend_refuses_other_tensorrt_gpu_or_none(plugin_build):
     from samba_edge.plugins.trt_import import TrtInfo
-    from samba_edge.runtime.trt_backend import check_runtime_matches
+    from samba_edge.runtime.engine_dir import check_runtime_matches
 
     meta = json.loads((plugin_build[0] / "engine.json").read_text())
     gpu = [{"name": "NVIDIA Jetson AGX Orin", "sm": "sm_87"}]

@@ -179,7 +179,8 @@ def validate(artifact: str, reference: str = "torch", backends: Sequence[str] = 
         if b == "ort":
             runners.append(_ort_runner(art, man, bisect))
         elif b == "trt":
-            from samba_edge.runtime.trt_backend import TrtBackend, check_engine_dir
+            from samba_edge.runtime.engine_dir import check_engine_dir
+            from samba_edge.runtime.trt_backend import TrtBackend
 
             if engine is None:
                 raise SambaEdgeError("--backends trt needs --engine ENGINE_DIR (built from this artifact by "
