@@ -44,3 +44,18 @@ def chunked_forward(model: Samba, ids: torch.Tensor, sizes) -> tuple[torch.Tenso
             outs.append(logits)
             p, i = p + c.shape[1], i + 1
     return torch.cat(outs, dim=1), state
+
+
+def run_interpreter_worker(script: str, out) -> dict:
+    """Run `python SCRIPT --worker OUT` with TRITON_INTERPRET=1 and return OUT's JSON. A fresh process:
+    Triton reads the variable when kernels are decorated, so it cannot be switched on in this one."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, script, "--worker", str(out)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(out.read_text())

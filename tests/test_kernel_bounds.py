@@ -22,7 +22,6 @@ if __name__ == "__main__":                       # worker: interpreter on before
     os.environ["TRITON_INTERPRET"] = "1"
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -172,11 +171,9 @@ if __name__ != "__main__":
 @pytest.fixture(scope="module")
 def bounds_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("triton_bounds") / "results.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(out)], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(out.read_text())
+    from samba_edge.tests.helpers import run_interpreter_worker
+
+    return run_interpreter_worker(__file__, out)
 
 
 @pytest.mark.parametrize("cid", [c[0] for c in CASES])

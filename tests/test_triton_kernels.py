@@ -243,12 +243,10 @@ if __name__ != "__main__":
 @pytest.fixture(scope="module")
 def interp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("triton_interp") / "results.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(out)], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    res = json.loads(out.read_text())
+    from samba_edge.tests.helpers import run_interpreter_worker
+
+    res = run_interpreter_worker(__file__, out)
     res["_wall_seconds"] = time.perf_counter() - t0
     return res
 
