@@ -58,7 +58,7 @@ def _fields(fc, spec: dict[str, str]) -> dict[str, Any]:
 
 def _array(value, kind: str) -> np.ndarray:
     if kind == "str":
-        return np.frombuffer(str(value).encode("ascii"), np.int8).copy()
+        return np.frombuffer(("" if value is None else str(value)).encode("ascii"), np.int8).copy()
     return np.array([] if value is None else [value], dtype=_KIND[kind][0])
 
 
@@ -79,7 +79,7 @@ def _collection(values: dict[str, Any], spec: dict[str, str], keep: list):
 def _declared(spec: dict[str, str], keep: list):
     fields = []
     for n, k in spec.items():
-        arr = _array(None, k) if k != "str" else np.array([], np.int8)
+        arr = _array(None, k)
         keep.append(arr)
         fields.append(trt.PluginField(n, arr, getattr(trt.PluginFieldType, _KIND[k][1])))
     return trt.PluginFieldCollection(fields)
