@@ -9,7 +9,10 @@ this path is the CPU reference, not a production CPU backend (the portable flavo
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+
+import numpy as np
 
 from samba_edge.plugins.reference import REFERENCES
 from samba_edge.plugins.errors import SambaEdgeError
@@ -32,13 +35,40 @@ def register_reference_ops() -> str:
         # looked up at call time, so a test can swap a reference for a deliberately broken one
         onnx_op(op_type="SelectiveScan", inputs=[f] * 9, outputs=[f, f],
                 attrs={"plugin_version": s, "delta_softplus": i64, "d_inner": i64, "d_state": i64})(
-            lambda *x, delta_softplus=1, **_: REFERENCES["SelectiveScan"](*x, delta_softplus=delta_softplus))
+            _guarded(lambda *x, delta_softplus=1, **_: REFERENCES["SelectiveScan"](*x, delta_softplus=delta_softplus),
+                     like=(0, 8)))
         onnx_op(op_type="SlidingWindowAttention", inputs=[f] * 5 + [i64], outputs=[f, f, f],
                 attrs={"plugin_version": s, "window": i64, "scale": f, "num_heads": i64, "num_kv_heads": i64,
                        "head_size": i64})(
-            lambda *x, window, scale, **_: REFERENCES["SlidingWindowAttention"](*x, window=window, scale=scale))
+            _guarded(lambda *x, window, scale, **_: REFERENCES["SlidingWindowAttention"](*x, window=window, scale=scale),
+                     like=(0, 3, 4)))
         _registered = True
     return get_library_path()
+
+
+_failed = threading.local()
+
+
+def _guarded(fn, like: tuple[int, ...]):
+    """onnxruntime-extensions aborts the whole process when a Python op raises (pybind11's
+    error_already_set escapes as a C++ terminate): keep the error for `raise_op_error`, give ORT NaN
+    outputs shaped like inputs `like`, and let the caller raise after session.run returns."""
+    def run(*x, **attrs):
+        try:
+            return fn(*x, **attrs)
+        except Exception as e:  # noqa: BLE001 - re-raised by raise_op_error in the calling thread
+            _failed.error = e
+            return tuple(np.full(np.shape(x[i]), np.nan, np.float32) for i in like)
+    return run
+
+
+def raise_op_error() -> None:
+    """After a session.run of a plugin-flavour graph: the first samba.* reference error, as SambaEdgeError."""
+    e = getattr(_failed, "error", None)
+    if e is not None:
+        _failed.error = None
+        raise SambaEdgeError(f"a samba.* op failed inside ONNX Runtime ({type(e).__name__}: {e}); "
+                             "check the artifact with `samba-edge validate`") from e
 
 
 def _widen_half_attention(graph) -> None:

@@ -66,4 +66,8 @@ class OrtBackend(HostState):
     def run(self, input_ids: np.ndarray, start_pos: np.ndarray, state: Sequence[np.ndarray]):
         feed = dict(zip(self._in, [np.asarray(input_ids, np.int64), np.asarray(start_pos, np.int64), *state]))
         out = self.session.run(self._out, feed)
+        if self.manifest.flavor == "plugin":
+            from samba_edge.plugins.ort_ops import raise_op_error
+
+            raise_op_error()
         return out[0], out[1:]

@@ -91,6 +91,25 @@ def test_plugin_reference_without_d_skip_is_caught(artifacts, monkeypatch):
     assert not rep["passed"] and rep["first_divergence"]["layer"] == 0
 
 
+def test_a_raising_reference_is_an_error_not_an_abort(artifacts, monkeypatch):
+    """onnxruntime-extensions would terminate the process on an exception in a Python op: the runtime
+    turns it into a SambaEdgeError after the run, and the next run works."""
+    from samba_edge.runtime import open_model
+    from samba_edge.runtime.errors import SambaEdgeError
+
+    model = open_model(str(artifacts["plugin"]))
+    good = reference.REFERENCES["SelectiveScan"]
+
+    def broken(*a, **k):
+        raise ValueError("deliberately broken")
+
+    monkeypatch.setitem(reference.REFERENCES, "SelectiveScan", broken)
+    with pytest.raises(SambaEdgeError, match="deliberately broken"):
+        model.new_stream().feed([1, 2, 3])
+    monkeypatch.setitem(reference.REFERENCES, "SelectiveScan", good)
+    assert np.isfinite(model.new_stream().feed([1, 2, 3])).all()
+
+
 def test_cli_exit_codes_and_bad_input(capsys, artifacts, tmp_path):
     code, out, _ = run(capsys, "validate", str(artifacts["portable"]), "--steps", "3", "--batch", "1")
     assert code == 0 and "PASSED" in out
