@@ -65,10 +65,26 @@ def check_runtime_matches(meta: dict, info, gpus: Optional[list]) -> None:
         raise SambaEdgeError(f"the engine was built with {built.get('flavor')} {built.get('version')} and this is "
                              f"{info.flavor} {info.version}: engines are tied to one TensorRT version; rebuild it here")
     if not gpus:
-        raise SambaEdgeError("no CUDA GPU is visible: the trt backend runs engines on NVIDIA GPUs "
-                             "(`samba-edge doctor` says why; use --backend ort on CPU)")
+        raise SambaEdgeError("no CUDA GPU is visible: TensorRT engines run on NVIDIA GPUs (`samba-edge doctor` says "
+                             f"why); on this machine, ONNX Runtime runs {built_from_meta(meta)}")
     want = meta.get("gpu") or {}
     sm = want.get("sm")
     if sm and info.flavor == "tensorrt" and sm != gpus[0]["sm"]:       # TensorRT-RTX engines JIT per GPU
         raise SambaEdgeError(f"the engine was built for {want.get('name', '?')} ({sm}) and this GPU is "
                              f"{gpus[0]['name']} ({gpus[0]['sm']}): build the engine on the device that runs it")
+
+
+def built_from_meta(meta: dict) -> str:
+    """What to run instead of an engine where it cannot run: the artifact it was built from (engine.json)."""
+    art = (meta.get("artifact") or {}).get("path")
+    if art and (Path(art) / "manifest.json").is_file():
+        return f"the artifact the engine was built from: {art}"
+    return "the artifact the engine was built from (engine.json names it" + (f": {art}, no longer there)" if art else ")")
+
+
+def built_from(engine_dir: str | Path) -> str:
+    try:
+        meta = json.loads((Path(engine_dir) / ENGINE_JSON).read_text())
+    except (OSError, ValueError):
+        meta = {}
+    return built_from_meta(meta if isinstance(meta, dict) else {})

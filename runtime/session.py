@@ -53,7 +53,17 @@ def cached_export(checkpoint: str, flavor: str = "portable", config: Optional[st
             key.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
     out = cache_dir() / "exports" / f"{src.name}-{flavor}-{key.hexdigest()[:16]}"
     if not (out / "manifest.json").is_file():
+        import sys
+        import time
+
+        # the first run would otherwise be silent for half a minute; like progress bars, only on a terminal
+        say = sys.stderr.isatty()
+        t0 = time.monotonic()
+        if say:
+            print(f"exporting {checkpoint} to ONNX once (cached in {out}) ...", file=sys.stderr, flush=True)
         export_onnx(checkpoint, out, flavor=flavor, config=config, force=True)
+        if say:
+            print(f"exported in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     return out
 
 
@@ -68,8 +78,12 @@ def open_model(path: str, backend: str = "auto", threads: Optional[int] = None,
     if backend == "auto":
         backend = "trt" if is_engine else "ort" if is_artifact else "torch"
     if (backend == "trt") != is_engine:
-        raise SambaEdgeError(f"{path} is an engine directory: run it with --backend trt (or auto)" if is_engine else
-                             f"--backend trt runs an engine directory; build one with "
+        if is_engine:
+            from samba_edge.runtime.engine_dir import built_from
+
+            raise SambaEdgeError(f"{path} is a TensorRT engine directory, which only --backend trt runs (on a GPU); "
+                                 f"the {backend} backend runs {built_from(path)}")
+        raise SambaEdgeError(f"--backend trt runs an engine directory; build one with "
                              f"`samba-edge build {path} -o ENGINE_DIR` (on the GPU that will run it)")
     if not is_artifact and not path.startswith("builtin:"):
         if not Path(path).exists():

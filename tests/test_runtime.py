@@ -293,3 +293,17 @@ def test_streams_use_only_the_state_protocol(ort_model, tmp_path):
     np.testing.assert_allclose(b.last_logits, c.last_logits, atol=1e-5)
     np.testing.assert_allclose(a.last_logits, c.last_logits, atol=1e-5)
     assert be.calls == {"stack": 1, "split": 1, "to_host": 1, "from_host": 1}
+
+
+def test_first_export_says_what_it_does_on_a_terminal(tmp_path, monkeypatch, capsys):
+    """`generate builtin:... --backend ort` exports once (~30 s on 2 cores): on a terminal it says so first."""
+    import sys
+
+    from samba_edge.runtime.session import cached_export
+
+    monkeypatch.setenv("SAMBA_EDGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    out = cached_export(CK)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"exporting {CK} to ONNX once (cached in {out}) ..." and err[1].startswith("exported in ")
+    assert cached_export(CK) == out and capsys.readouterr().err == ""           # cached: silent

@@ -395,12 +395,15 @@ def test_open_engine_without_gpu_is_a_clean_error(plugin_build, exports, capsys)
 
     if check_cuda()[1].get("gpus"):
         pytest.skip("a GPU is present: test_trt_backend_on_gpu covers it")
-    with pytest.raises(SambaEdgeError, match="no CUDA GPU"):
+    art = str(exports["plugin"].resolve())
+    with pytest.raises(SambaEdgeError, match="no CUDA GPU") as e:
         open_model(str(plugin_build[0]))                                         # auto -> trt
+    assert f"ONNX Runtime runs the artifact the engine was built from: {art}" in str(e.value)
     with pytest.raises(SambaEdgeError, match="samba-edge build"):
         open_model(str(exports["plugin"]), "trt")
-    with pytest.raises(SambaEdgeError, match="engine directory"):
+    with pytest.raises(SambaEdgeError, match="engine directory") as e:         # no circle: it names what to run
         open_model(str(plugin_build[0]), "ort")
+    assert art in str(e.value) and "--backend ort" not in str(e.value)
     with pytest.raises(SystemExit) as e:
         main(["generate", str(plugin_build[0]), "-p", "def f():", "-n", "2"])
     assert e.value.code == 2 and capsys.readouterr().err.strip().count("\n") == 0
