@@ -67,16 +67,35 @@ def cached_export(checkpoint: str, flavor: str = "portable", config: Optional[st
     return out
 
 
+_noted: set = set()
+
+
+def _ort_runs(checkpoint: str) -> bool:
+    """auto on a checkpoint: ONNX Runtime on its cached export (several times PyTorch eager's speed on
+    CPU) where onnxruntime and the exporter are installed, said once per checkpoint (on a terminal)."""
+    import importlib.util
+    import sys
+
+    if not all(importlib.util.find_spec(m) for m in ("onnxruntime", "torch", "onnx", "onnxscript")):
+        return False
+    if checkpoint not in _noted and sys.stderr.isatty():
+        _noted.add(checkpoint)
+        print(f"note: running {checkpoint} with ONNX Runtime on its ONNX export (cached); --backend torch runs "
+              "PyTorch eager", file=sys.stderr, flush=True)
+    return True
+
+
 def open_model(path: str, backend: str = "auto", threads: Optional[int] = None,
                tokenizer: Optional[str] = None, config: Optional[str] = None) -> "Model":
-    """Load an artifact or a checkpoint with a backend. `--backend ort` on a checkpoint exports it first."""
+    """Load an artifact or a checkpoint with a backend. ONNX Runtime on a checkpoint (`auto` where it is
+    installed, or `--backend ort`) runs its export, made once and cached."""
     path = str(path)
     is_engine = not path.startswith("builtin:") and (Path(path) / "engine.json").is_file()
     is_artifact = not is_engine and not path.startswith("builtin:") and (Path(path) / "manifest.json").is_file()
     if backend not in BACKENDS:
         raise SambaEdgeError(f"unknown backend {backend!r}; use one of: {', '.join(BACKENDS)}")
     if backend == "auto":
-        backend = "trt" if is_engine else "ort" if is_artifact else "torch"
+        backend = "trt" if is_engine else "ort" if is_artifact or _ort_runs(path) else "torch"
     if (backend == "trt") != is_engine:
         if is_engine:
             from samba_edge.runtime.engine_dir import built_from

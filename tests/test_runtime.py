@@ -307,3 +307,15 @@ def test_first_export_says_what_it_does_on_a_terminal(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"exporting {CK} to ONNX once (cached in {out}) ..." and err[1].startswith("exported in ")
     assert cached_export(CK) == out and capsys.readouterr().err == ""           # cached: silent
+
+
+def test_auto_runs_a_checkpoint_with_onnx_runtime_when_installed(monkeypatch):
+    """The fast path is the default: auto takes the cached ONNX export of a checkpoint where onnxruntime
+    is installed (PyTorch eager only when asked, or without onnxruntime)."""
+    import importlib.util
+
+    assert open_model(CK).backend.name == "ort"
+    assert open_model(CK, "torch").backend.name == "torch"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    assert open_model(CK).backend.name == "torch"
