@@ -172,6 +172,41 @@ def load_checkpoint(spec: str, config: Optional[str] = None) -> Checkpoint:
 
 
 # ---- writing ----------------------------------------------------------------------------------
+def _looks_like_sentencepiece(head: bytes) -> bool:
+    """A serialized sentencepiece ModelProto starts with its first `pieces` entry (field 1, a message),
+    whose first field is the piece string (field 1): tag 0x0A, a varint length, tag 0x0A."""
+    if head[:1] != b"\x0a":
+        return False
+    i = 1
+    while i < len(head) and head[i] & 0x80 and i < 6:           # skip the varint length
+        i += 1
+    return i + 1 < len(head) and head[i + 1:i + 2] == b"\x0a"
+
+
+def tokenizer_name(path: str | Path) -> str:
+    """The canonical name a tokenizer file is stored under, decided by its content (not its name):
+    `tokenizer.json` (Hugging Face tokenizers) or `tokenizer.model` (SentencePiece); anything else is refused."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError as e:
+        raise SambaEdgeError(f"cannot read the tokenizer {path} ({e.strerror})") from None
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"{":
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SambaEdgeError(f"{path} is not valid JSON ({e}), so not a tokenizer.json") from None
+        if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+            return "tokenizer.json"
+        raise SambaEdgeError(f"{path} is JSON but not a Hugging Face tokenizers file (it has no \"model\" "
+                             "section; tokenizer_config.json or vocab.json are not enough): pass the tokenizer.json")
+    if _looks_like_sentencepiece(head):
+        return "tokenizer.model"
+    raise SambaEdgeError(f"{path} is neither a Hugging Face tokenizer.json nor a SentencePiece tokenizer.model; "
+                         "pass one of those")
+
+
 def check_output(out: Path, force: bool) -> None:
     """Fail before any work if OUT exists (without --force) or its parent cannot be written."""
     out = Path(out)
@@ -219,17 +254,22 @@ class _AtomicDir:
 
 def save_canonical(out: Path, ckpt_or_cfg, state_dict: Optional[dict] = None, tokenizer_files=(),
                    extra_files: Optional[dict[str, str]] = None, force: bool = False) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer and extra text files) atomically."""
+    """Write config.json + model.safetensors (+ tokenizer and extra text files) atomically. Tokenizer files are
+    stored under their canonical names (tokenizer.json / tokenizer.model), which is where loaders look."""
     from safetensors.torch import save_file
 
     cfg = ckpt_or_cfg.config if isinstance(ckpt_or_cfg, Checkpoint) else ckpt_or_cfg
     sd = ckpt_or_cfg.state_dict if state_dict is None else state_dict
     tensors = {k: v.detach().contiguous() for k, v in sd.items() if k != "lm_head.weight"}   # tied: stored once
+    names = [tokenizer_name(f) for f in tokenizer_files]
+    if len(set(names)) != len(names):
+        raise SambaEdgeError(f"two tokenizer files would both be stored as "
+                             f"{next(n for n in names if names.count(n) > 1)}; pass one")
     with atomic_dir(out, force) as tmp:
         cfg.save(tmp / "config.json")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "samba_config": cfg.name})
-        for f in tokenizer_files:
-            shutil.copy2(f, tmp / Path(f).name)
+        for f, name in zip(tokenizer_files, names):
+            shutil.copy2(f, tmp / name)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return Path(out)

@@ -61,3 +61,22 @@ def test_sizes():
     for bad in ("", "0", "1.5k", "x", "-1k", "1g"):
         with pytest.raises(SambaEdgeError, match="context"):
             parse_contexts(bad)
+
+
+def test_plot_without_matplotlib_fails_before_any_run(capsys, monkeypatch, tmp_path):
+    """`--plot` with no matplotlib is refused up front (exit 2, naming the install), not skipped after the run."""
+    import sys
+
+    import samba_edge.tools.bench as bench
+    from samba_edge.tests.test_cli import run
+
+    def no_work(*a, **k):
+        raise AssertionError("the benchmark started")
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)                # `import matplotlib` raises ImportError
+    monkeypatch.setattr(bench, "_resolve_artifact", no_work)
+    monkeypatch.setattr(bench, "_run_worker", no_work)
+    code, out, err = run(capsys, "bench", "builtin:samba-tiny-py", "--plot", str(tmp_path / "b.png"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "pip install matplotlib" in err and "started" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -144,3 +144,25 @@ def test_truncated_and_non_state_dict_files(tmp_path, model):
     f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(SambaEdgeError, match="safetensors"):
         load_checkpoint(str(tmp_path / "canon"))
+
+
+def test_convert_stores_a_sentencepiece_model_as_tokenizer_model(tmp_path, model):
+    """A tokenizer is recognised by its content, not its name, and stored where the loaders look."""
+    spm = pytest.importorskip("sentencepiece")
+    import io
+
+    from samba_edge.runtime.tokenizer import load_tokenizer
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["def f(x):\n    return x + 1", "hello world"] * 20),
+                                   model_writer=buf, vocab_size=24, model_type="char", minloglevel=2)
+    (tmp_path / "my-sp.bin").write_bytes(buf.getvalue())
+    src = official_pickle(tmp_path / "ck.pth", model)
+    out = convert_checkpoint(str(src), str(tmp_path / "canon"), tokenizer=str(tmp_path / "my-sp.bin"))
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    tok = load_tokenizer(out)
+    assert tok.decode(tok.encode("def f")) == "def f"
+    (tmp_path / "fake.model").write_bytes(b"\n\x05\n\x03abc" + bytes(40))        # protobuf-looking, not a model
+    with pytest.raises(SambaEdgeError, match="not a valid SentencePiece model"):
+        convert_checkpoint(str(src), str(tmp_path / "c2"), tokenizer=str(tmp_path / "fake.model"))
+    assert not (tmp_path / "c2").exists()

@@ -98,6 +98,11 @@ def test_eval_token_ids(capsys, ckpt_dir, tmp_path):
     (["generate", "builtin:no-such-model", "-p", "x"], "unknown built-in"),
     (["convert", "CK", "-o", "EXISTING"], "already exists"),
     (["eval", "NOTOK", "--text", "TEXT"], "no tokenizer"),
+    (["generate", "builtin:samba-tiny-py", "-p", "x", "--stop", "\\q"], "unknown escape \\q"),
+    (["generate", "builtin:samba-tiny-py", "-p", "x", "--stop", "\\x4"], "2 hex digits"),
+    (["generate", "NOTOK", "-p", "x", "--backend", "torch"], "samba-edge convert"),
+    (["convert", "CK", "-o", "NEW", "--tokenizer", "TEXT"], "neither a Hugging Face tokenizer.json"),
+    (["convert", "CK", "-o", "NEW", "--tokenizer", "TOKCONFIG"], "not a Hugging Face tokenizers file"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, ckpt_dir, tmp_path, args, match):
     (tmp_path / "empty.txt").write_text("")
@@ -105,17 +110,73 @@ def test_bad_input_is_one_line_exit_2(capsys, ckpt_dir, tmp_path, args, match):
     np.save(tmp_path / "big.npy", np.array([1, 2, 10**6]))
     np.save(tmp_path / "neg.npy", np.array([1, -3, 2]))
     np.save(tmp_path / "pickle.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "tokenizer_config.json").write_text('{"model_max_length": 2048}')
     notok = tmp_path / "notok"
     notok.mkdir()
     for f in ("config.json", "model.safetensors"):
         (notok / f).write_bytes((ckpt_dir / f).read_bytes())
     subst = {"CK": str(ckpt_dir), "EMPTY": str(tmp_path / "empty.txt"), "BIG": str(tmp_path / "big.npy"),
              "NEG": str(tmp_path / "neg.npy"), "PICKLE": str(tmp_path / "pickle.npy"), "EXISTING": str(ckpt_dir),
-             "NOTOK": str(notok), "TEXT": str(tmp_path / "text.txt")}
+             "NOTOK": str(notok), "TEXT": str(tmp_path / "text.txt"), "NEW": str(tmp_path / "new"),
+             "TOKCONFIG": str(tmp_path / "tokenizer_config.json")}
     code, out, err = run(capsys, *[subst.get(a, a) for a in args])
     assert code == 2, (code, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and match in lines[0] and "Traceback" not in err, err
+
+
+def test_stop_escapes_are_decoded_and_nothing_else():
+    from samba_edge.runtime.errors import SambaEdgeError
+    from samba_edge.tools.generate import decode_escapes
+
+    assert decode_escapes("\\n\\n") == "\n\n"                          # what a shell passes for --stop "\n\n"
+    assert decode_escapes(r"a\tb\r\\n\'\"") == "a\tb\r\\n'\""
+    assert decode_escapes("\\x41\\u00e9\\U0001F600") == "A\u00e9\U0001F600"
+    assert decode_escapes("é→ñ\\n日本") == "é→ñ\n日本"                # non-ASCII is kept (unicode_escape mangles it)
+    assert decode_escapes("real\nnewline") == "real\nnewline"
+    for bad, match in [("\\q", "unknown escape"), ("a\\", "lone backslash"), ("\\x4", "2 hex digits"),
+                       ("\\xZZ", "2 hex digits"), ("\\uD800", "not a Unicode character"),
+                       ("\\U00110000", "not a Unicode character"), ("\\b", "unknown escape")]:
+        with pytest.raises(SambaEdgeError, match=match):
+            decode_escapes(bad)
+
+
+def test_generate_stop_typed_in_a_shell_stops(capsys):
+    """The README's `--stop "\n\n"` reaches the CLI as backslash-n: it must still stop."""
+    args = ["generate", "builtin:samba-tiny-py", "-p", "def f", "-n", "12", "--backend", "torch"]
+    code, full, err = run(capsys, *args)
+    assert code == 0, err
+    cont = full[len("def f"):-1]                                     # the continuation (echoed prompt, final newline)
+    assert "\n" in cont, full
+    code, out, err = run(capsys, *args, "--stop", "\\n")
+    assert code == 0, err
+    assert out == "def f" + cont.split("\n")[0] + "\n", (out, full)
+
+
+def test_convert_tokenizer_any_name_then_generate(capsys, tmp_path):
+    """`convert --tokenizer my_tok.json` stores it as tokenizer.json, so the output generates text."""
+    from samba_edge.export.checkpoint import BUILTIN_DIR
+
+    src = BUILTIN_DIR / "samba-tiny-py"
+    (tmp_path / "my_tok.json").write_bytes((src / "tokenizer.json").read_bytes())
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "convert", str(src), "-o", str(out), "--tokenizer", str(tmp_path / "my_tok.json"))
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    code, text, err = run(capsys, "generate", str(out), "-p", "def f", "-n", "3", "--backend", "torch")
+    assert code == 0, err
+    assert text.startswith("def f") and len(text.strip()) > len("def f"), text
+
+
+def test_generate_without_tokenizer_says_how_to_add_one(capsys, ckpt_dir, tmp_path):
+    """`generate` takes no token ids: the error must not send the user to them."""
+    notok = tmp_path / "notok"
+    notok.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (notok / f).write_bytes((ckpt_dir / f).read_bytes())
+    code, _, err = run(capsys, "generate", str(notok), "-p", "def f", "--backend", "torch")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "token ids" not in err and "convert" in err and "--tokenizer" in err, err
 
 
 def test_cli_start_up_imports_no_torch():

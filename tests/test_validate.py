@@ -38,7 +38,8 @@ def test_faithful_artifacts_pass(artifacts, flavor, tmp_path):
                    **FAST)
     assert rep["passed"] and rep["first_divergence"] is None
     assert {r["tensor"] for r in rep["rows"]} >= {"logits", "ssm_state.0.out", "k_window.1.out", "block.3.out"}
-    assert (tmp_path / "r.polygraphy.json").is_file() and (tmp_path / "pg" / "inputs.json").is_file()
+    assert (tmp_path / "pg" / "run_results.json").is_file() and (tmp_path / "pg" / "inputs.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pg", "r.json"]
 
 
 def test_perturbed_weight_is_found_in_its_block(artifacts, tmp_path):
@@ -127,6 +128,27 @@ def test_cli_exit_codes_and_bad_input(capsys, artifacts, tmp_path):
                         ((str(artifacts["portable"]), "--reference", "/no/such/ck"), "not found")]:
         code, _, err = run(capsys, "validate", *args)
         assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_save_writes_only_the_report(capsys, artifacts, tmp_path):
+    """`--save report.json` creates that one file (no Polygraphy RunResults beside it) and says so."""
+    import json
+
+    save = tmp_path / "report.json"
+    code, out, err = run(capsys, "validate", str(artifacts["portable"]), "--steps", "2", "--batch", "1",
+                         "--save", str(save))
+    assert code == 0, err
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    assert json.loads(save.read_text())["passed"] and f"wrote: {save}" in out
+    pg = tmp_path / "pg"
+    code, out, err = run(capsys, "validate", str(artifacts["portable"]), "--steps", "2", "--batch", "1",
+                         "--polygraphy-dir", str(pg))
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pg", "report.json"]
+    assert {"inputs.json", "reference_outputs.json", "run_results.json"} <= {p.name for p in pg.iterdir()}
+    assert str(pg / "run_results.json") in out
+    code, _, err = run(capsys, "validate", str(artifacts["portable"]), "--save", str(tmp_path / "no" / "r.json"))
+    assert code == 2 and "not a directory" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_reference_with_other_weights_is_refused(artifacts, tmp_path):

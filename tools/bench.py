@@ -268,6 +268,7 @@ def run_bench(artifact: str, baseline: str = "torch", contexts: Sequence[int] = 
         raise SambaEdgeError(f"--decode-tokens must be a positive number of tokens, got {decode_tokens}")
     if threads is not None and threads < 1:
         raise SambaEdgeError(f"--threads must be positive, got {threads}")
+    check_outputs(json_out, plot)                       # before the (long) run, not after it
     art_dir, exported = _resolve_artifact(artifact)
     manifest = Manifest.load(art_dir)
     notes = []
@@ -331,6 +332,19 @@ def run_bench(artifact: str, baseline: str = "torch", contexts: Sequence[int] = 
 
 
 # ---- output ---------------------------------------------------------------------------------------------
+def check_outputs(json_out: Optional[str], plot: Optional[str]) -> None:
+    """Up front: --plot needs matplotlib, and both outputs need an existing directory to go to."""
+    if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SambaEdgeError("--plot needs matplotlib, which is not installed: pip install matplotlib "
+                                 "(or run without --plot)") from None
+    for opt, path in (("--json", json_out), ("--plot", plot)):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise SambaEdgeError(f"cannot write {opt} {path}: {Path(path).resolve().parent} is not a directory")
+
+
 def write_plot(result: dict, path: str) -> Optional[str]:
     """Per-token latency (p50, p99 as a band) and peak RSS against context length; a note if skipped."""
     try:

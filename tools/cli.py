@@ -42,7 +42,8 @@ def inspect(checkpoint: Optional[str], config: Optional[str], batch: int, as_jso
 @click.argument("checkpoint")
 @click.option("-o", "--out", required=True, help="output directory (canonical format)")
 @click.option("--config", help="preset name or config JSON (needed when the checkpoint has none)")
-@click.option("--tokenizer", help="tokenizer.json / tokenizer.model to copy alongside")
+@click.option("--tokenizer", help="a Hugging Face tokenizer.json or SentencePiece tokenizer.model (any file name: "
+              "recognised by its content) or its directory; stored as tokenizer.json / tokenizer.model")
 @click.option("--force", is_flag=True, help="replace an existing output directory")
 def convert(checkpoint: str, out: str, config: Optional[str], tokenizer: Optional[str], force: bool) -> None:
     """Official training checkpoint -> canonical directory (config.json + model.safetensors)."""
@@ -105,9 +106,11 @@ def export(checkpoint: str, out: str, flavor: str, config: Optional[str], max_ch
 
 def _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, stop_id):
     from samba_edge.runtime import SamplingParams
+    from samba_edge.tools.generate import decode_escapes
 
     return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                          seed=seed, max_new_tokens=max_new_tokens, stop=tuple(stop), stop_token_ids=tuple(stop_id))
+                          seed=seed, max_new_tokens=max_new_tokens, stop=tuple(decode_escapes(s) for s in stop),
+                          stop_token_ids=tuple(stop_id))
 
 
 def sampling_options(f):
@@ -118,7 +121,10 @@ def sampling_options(f):
         click.option("--top-p", default=1.0, show_default=True, help="1 = off"),
         click.option("--repetition-penalty", default=1.0, show_default=True, help="1 = off"),
         click.option("--seed", type=int, help="seed for sampling (default: continue the stream's generator)"),
-        click.option("--stop", multiple=True, help="stop string (repeatable; not printed)"),
+        click.option("--stop", multiple=True,
+                     help="stop string (repeatable; not printed). Backslash escapes are decoded: "
+                          "\\n \\t \\r \\\\ \\' \\\" \\xNN \\uNNNN \\UNNNNNNNN, so --stop \"\\n\\n\" "
+                          "stops at a blank line; write \\\\ for a literal backslash"),
         click.option("--stop-id", multiple=True, type=int, help="stop token id (repeatable)"),
         click.option("--backend", default="auto", show_default=True,
                      help="auto | ort (a checkpoint is exported to a cache first) | torch | trt (engine directory)"),
@@ -183,8 +189,9 @@ def _int_list(text: str, what: str) -> list[int]:
 @click.option("--check-error-stat", "error_stat",
               help="elemwise | max | mean | median (Polygraphy's; default elemwise, int8 median)")
 @click.option("--bisect", is_flag=True, help="report the first block and tensor that diverge")
-@click.option("--save", help="write the JSON report here (and Polygraphy RunResults beside it)")
-@click.option("--polygraphy-dir", help="write inputs/reference outputs/data loader for `polygraphy run`")
+@click.option("--save", help="write the JSON report here (this one file only)")
+@click.option("--polygraphy-dir", help="write Polygraphy's files here: inputs, reference outputs and data loader "
+              "for `polygraphy run`, and every runner's RunResults (run_results.json)")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--allow-mismatch", is_flag=True, help="compare even if the reference has other weights")
 def validate(artifact, reference, backends, engine, steps, chunks, batch, atol, rtol, error_stat, bisect, save,
@@ -215,7 +222,8 @@ def validate(artifact, reference, backends, engine, steps, chunks, batch, atol, 
               "(default: the artifact's source, else builtin:samba-tiny-py)")
 @click.option("--threads", type=int, help="intra-op threads for every system (default: the libraries' own)")
 @click.option("--json", "json_out", help="write the full result as JSON to this file")
-@click.option("--plot", help="write a PNG of per-token latency and peak memory against context (needs matplotlib)")
+@click.option("--plot", help="write a PNG of per-token latency and peak memory against context (needs matplotlib: "
+              "pip install matplotlib; checked before the run starts)")
 def bench(artifact: str, baseline: str, contexts: str, decode_tokens: int, checkpoint: Optional[str],
           threads: Optional[int], json_out: Optional[str], plot: Optional[str]) -> None:
     """Prefill/decode tok/s, per-token latency and peak RSS against context length: the artifact, its

@@ -1,12 +1,63 @@
 """`samba-edge generate` / `chat`: stream text from an artifact or a checkpoint through the runtime."""
 from __future__ import annotations
 
+import string
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from samba_edge.runtime import SamplingParams, SambaEdgeError, open_model
+
+
+# The escapes `--stop` understands (a shell passes "\n\n" as backslash-n twice): exactly these, nothing else.
+SIMPLE_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "'": "'", '"': '"'}
+HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}                # \xNN, \uNNNN, \UNNNNNNNN: a code point in hex
+ESCAPES_HELP = "\\n \\t \\r \\\\ \\' \\\" \\xNN \\uNNNN \\UNNNNNNNN"
+
+
+def decode_escapes(text: str, what: str = "--stop") -> str:
+    """Decode backslash escapes in `text`; every other character (non-ASCII included) is kept as it is.
+
+    Unlike codecs' "unicode_escape" (which reads its input as Latin-1 bytes), "é\\n" becomes "é" + newline.
+    An unknown escape, a truncated \\x/\\u/\\U or a lone trailing backslash is an error, never guessed."""
+    out, i = [], 0
+    while i < len(text):
+        j = text.find("\\", i)
+        if j < 0:
+            out.append(text[i:])
+            break
+        out.append(text[i:j])
+        e = text[j + 1:j + 2]
+        where = f"in {what} (character {j + 1})"
+        if e and e in SIMPLE_ESCAPES:
+            out.append(SIMPLE_ESCAPES[e])
+            i = j + 2
+        elif e and e in HEX_ESCAPES:
+            n = HEX_ESCAPES[e]
+            digits = text[j + 2:j + 2 + n]
+            if len(digits) != n or any(d not in string.hexdigits for d in digits):
+                raise SambaEdgeError(f"bad escape \\{e}{digits} {where}: \\{e} takes exactly {n} hex digits")
+            cp = int(digits, 16)
+            if cp > 0x10FFFF or 0xD800 <= cp <= 0xDFFF:
+                raise SambaEdgeError(f"bad escape \\{e}{digits} {where}: not a Unicode character")
+            out.append(chr(cp))
+            i = j + 2 + n
+        elif not e:
+            raise SambaEdgeError(f"{what} ends in a lone backslash (character {j + 1}); write \\\\ for a backslash")
+        else:
+            shown = f"\\{e}" if e.isprintable() else f"a backslash followed by {e!r}"
+            raise SambaEdgeError(f"unknown escape {shown} {where}; the escapes are {ESCAPES_HELP} "
+                                 "(write \\\\ for a backslash)")
+    return "".join(out)
+
+
+def no_tokenizer_message(artifact: str, backend: str, option: bool = True) -> str:
+    """For commands that take text only: say how to get a tokenizer, not "pass token ids"."""
+    add = "`samba-edge convert CHECKPOINT -o DIR --tokenizer FILE` adds one to a checkpoint"
+    fix = f"re-export it from a checkpoint that has one ({add})" if backend in ("ort", "trt") else add
+    return (f"{artifact} has no tokenizer (tokenizer.json or tokenizer.model), so text cannot be encoded; "
+            + (f"pass --tokenizer FILE, or {fix}" if option else fix))
 
 
 def read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> Optional[str]:
@@ -30,6 +81,8 @@ def generate(artifact: str, prompt: Optional[str], params: SamplingParams, backe
     if not prompt and state_in is None:
         raise SambaEdgeError("the prompt is empty; give --prompt TEXT, --prompt-file F or --state-in F")
     model = open_model(artifact, backend, tokenizer=tokenizer)
+    if model.tokenizer is None:                             # generate reads and writes text: it needs one
+        raise SambaEdgeError(no_tokenizer_message(artifact, model.backend.name))
     stream = model.restore(state_in) if state_in else model.new_stream()
     t0 = time.perf_counter()
     if prompt:
@@ -55,6 +108,8 @@ def chat(artifact: str, params: SamplingParams, backend: str = "auto", state_in:
          write: Callable[[str], None] = sys.stdout.write) -> int:
     """One stream kept alive across turns: each input line is fed, then a reply streams back."""
     model = open_model(artifact, backend)
+    if model.tokenizer is None:
+        raise SambaEdgeError(no_tokenizer_message(artifact, model.backend.name, option=False))
     stream = model.restore(state_in) if state_in else model.new_stream()
     turns = 0
     for line in (lines if lines is not None else sys.stdin):

@@ -2,11 +2,12 @@
 
 Built on Polygraphy: every backend is a Polygraphy runner (`OnnxrtRunner` on our sessions, a small
 `BaseRunner` for PyTorch on CPU, `TrtRunner` where TensorRT exists), results are `RunResults`
-(saved in Polygraphy's JSON format) and the verdict is `Comparator.compare_accuracy` with an
-element-wise check. Polygraphy's own iterations are independent, so the loop here carries each
-runner's state from its own previous outputs: a fault that only shows after the window wraps, or
-in the state alone, is caught. `--bisect` adds every block's residual output to the graph (found
-by the exporter's module-scope metadata) and names the first block that diverges.
+(saved in Polygraphy's JSON format by --polygraphy-dir; --save writes the JSON report alone) and the
+verdict is `Comparator.compare_accuracy` with an element-wise check. Polygraphy's own iterations are
+independent, so the loop here carries each runner's state from its own previous outputs: a fault that
+only shows after the window wraps, or in the state alone, is caught. `--bisect` adds every block's
+residual output to the graph (found by the exporter's module-scope metadata) and names the first
+block that diverges.
 """
 from __future__ import annotations
 
@@ -165,6 +166,8 @@ def validate(artifact: str, reference: str = "torch", backends: Sequence[str] = 
         raise SambaEdgeError(f"unknown --check-error-stat {stat!r}; use one of: {', '.join(ERROR_STATS)}")
     if steps < 1 or batch < 1 or not chunks or min(chunks) < 1:
         raise SambaEdgeError("--steps, --batch and every --chunks size must be >= 1")
+    if save and not Path(save).resolve().parent.is_dir():
+        raise SambaEdgeError(f"cannot write --save {save}: {Path(save).resolve().parent} is not a directory")
     if max(chunks) > man.max_chunk:
         raise SambaEdgeError(f"chunk {max(chunks)} exceeds the artifact's max chunk {man.max_chunk}; lower --chunks")
     ref_spec = man.source if reference == "torch" else reference
@@ -239,11 +242,11 @@ def validate(artifact: str, reference: str = "torch", backends: Sequence[str] = 
               "tokens": int(pos[0]), "window": man.window, "passed": passed, "rows": rows}
     if bisect:
         report["first_divergence"] = first
-    if save:
+    written = write_polygraphy_files(Path(polygraphy_dir), feeds, results, art, atol, rtol, stat) \
+        if polygraphy_dir else []
+    report["written"] = ([str(save)] if save else []) + written
+    if save:                                               # the report only: nothing else beside it
         Path(save).write_text(json.dumps(report, indent=1) + "\n")
-        results.save(str(Path(save).with_suffix(".polygraphy.json")))
-    if polygraphy_dir:
-        write_polygraphy_files(Path(polygraphy_dir), feeds, RunResults([results[0]]), art, atol, rtol, stat)
     return report
 
 
@@ -257,14 +260,19 @@ def load_data():
 '''
 
 
-def write_polygraphy_files(out: Path, feeds, reference, artifact: Path, atol: float, rtol: float,
-                           stat: str = "elemwise") -> None:
-    """`reference`: the reference runner's Polygraphy RunResults."""
+def write_polygraphy_files(out: Path, feeds, results, artifact: Path, atol: float, rtol: float,
+                           stat: str = "elemwise") -> list[str]:
+    """`results`: every runner's Polygraphy RunResults, the reference first. Returns the files written."""
+    from polygraphy.comparator import RunResults
     from polygraphy.json import save_json
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SambaEdgeError(f"cannot create --polygraphy-dir {out} ({e.strerror})") from None
     save_json(feeds, str(out / "inputs.json"))
-    reference.save(str(out / "reference_outputs.json"))
+    RunResults([results[0]]).save(str(out / "reference_outputs.json"))
+    results.save(str(out / "run_results.json"))
     (out / "data_loader.py").write_text(DATA_LOADER)
     args = (f"--load-inputs {out / 'inputs.json'} --load-outputs {out / 'reference_outputs.json'} "
             f"--atol {atol} --rtol {rtol} --check-error-stat {stat}")
@@ -272,7 +280,11 @@ def write_polygraphy_files(out: Path, feeds, reference, artifact: Path, atol: fl
         "# portable flavour, stock ONNX Runtime:\n"
         f"polygraphy run {artifact / 'model.onnx'} --onnxrt {args}\n"
         "# plugin flavour on a GPU with TensorRT (the samba plugins registered, see docs/validate.md):\n"
-        f"polygraphy run {artifact / 'model.onnx'} --trt {args}\n")
+        f"polygraphy run {artifact / 'model.onnx'} --trt {args}\n"
+        "# run_results.json: every runner's outputs of the samba-edge run, e.g.\n"
+        f"polygraphy inspect data {out / 'run_results.json'}\n")
+    return [str(out / f) for f in ("inputs.json", "reference_outputs.json", "run_results.json", "data_loader.py",
+                                   "README.txt")]
 
 
 def render_text(report: dict, max_rows: int = 40) -> str:
@@ -293,5 +305,7 @@ def render_text(report: dict, max_rows: int = 40) -> str:
         f = report["first_divergence"]
         where = "the head (logits)" if f["tensor"] == "logits" else f"block {f['layer']}"
         lines.append(f"first divergence: step {f['step']}, {where}, tensor {f['tensor']} ({f['backend']})")
+    if report.get("written"):
+        lines.append("wrote: " + ", ".join(report["written"]))
     lines.append("PASSED" if report["passed"] else "FAILED")
     return "\n".join(lines)
