@@ -172,7 +172,11 @@ def export_onnx(checkpoint: str, out: str | Path, flavor: str = "plugin", config
     ckpt = load_checkpoint(checkpoint, config)
     tok_path = (load_tokenizer(tokenizer=tokenizer).path if tokenizer else find_tokenizer(ckpt.directory))
     special = {}
+    tok_name = None
     if tok_path is not None:
+        from samba_edge.export.checkpoint import tokenizer_name
+
+        tok_name = tokenizer_name(tok_path)          # stored under its canonical name, as the runtime finds it
         tok = load_tokenizer(tokenizer=tok_path)
         special = {"bos": tok.bos_id, "eos": tok.eos_id}
     import torch
@@ -181,7 +185,7 @@ def export_onnx(checkpoint: str, out: str | Path, flavor: str = "plugin", config
     proto = trace_onnx(model, flavor, opset, max_chunk, logits == "last")
     register_schemas()
     manifest = build_manifest(model.config, flavor, opset, max_chunk, logits, weights_fingerprint(ckpt.state_dict),
-                              tok_path.name if tok_path else None, special, source=_source(checkpoint),
+                              tok_name, special, source=_source(checkpoint),
                               dtype=DTYPES[dtype])
     onnx.helper.set_model_props(proto, {"samba_edge.fingerprint": manifest.fingerprint, "samba_edge.flavor": flavor,
                                         "samba_edge.dtype": manifest.dtype})
@@ -195,5 +199,5 @@ def export_onnx(checkpoint: str, out: str | Path, flavor: str = "plugin", config
             manifest.kernels = f"{KERNELS_DIR}/{INDEX}"
         (tmp / "manifest.json").write_text(manifest.to_json())
         if tok_path is not None:
-            shutil.copy2(tok_path, tmp / tok_path.name)
+            shutil.copy2(tok_path, tmp / tok_name)
     return out

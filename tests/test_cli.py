@@ -168,6 +168,21 @@ def test_convert_tokenizer_any_name_then_generate(capsys, tmp_path):
     assert text.startswith("def f") and len(text.strip()) > len("def f"), text
 
 
+def test_export_tokenizer_any_name_is_stored_canonically(capsys, tmp_path):
+    """`export --tokenizer my_tok.json` too: the artifact holds tokenizer.json and generates text."""
+    from samba_edge.export.checkpoint import BUILTIN_DIR
+
+    (tmp_path / "my_tok.json").write_bytes((BUILTIN_DIR / "samba-tiny-py" / "tokenizer.json").read_bytes())
+    art = tmp_path / "art"
+    code, _, err = run(capsys, "export", "builtin:samba-tiny-py", "-o", str(art), "--flavor", "portable",
+                       "--max-chunk", "16", "--tokenizer", str(tmp_path / "my_tok.json"))
+    assert code == 0, err
+    assert (art / "tokenizer.json").is_file() and not (art / "my_tok.json").exists()
+    assert json.loads((art / "manifest.json").read_text())["tokenizer"] == "tokenizer.json"
+    code, text, err = run(capsys, "generate", str(art), "-p", "def f", "-n", "3")
+    assert code == 0 and text.startswith("def f") and len(text.strip()) > len("def f"), (text, err)
+
+
 def test_generate_without_tokenizer_says_how_to_add_one(capsys, ckpt_dir, tmp_path):
     """`generate` takes no token ids: the error must not send the user to them."""
     notok = tmp_path / "notok"
