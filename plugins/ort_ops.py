@@ -6,9 +6,17 @@ is also what ORT executes; a compiled C++ library would be a second implementati
 sync. Its ops live in domain `ai.onnx.contrib`, so the `samba` nodes are re-domained in a private
 copy of the graph (the artifact on disk is untouched). Cost: a few us per call plus numpy speed;
 this path is the CPU reference, not a production CPU backend (the portable flavour is).
+
+Only the op-registration core of onnxruntime-extensions is imported (`_ocos`, the compiled
+`_extensions_pydll` it wraps, and `_cuops`): its package `__init__` also imports `cvt`, which imports
+transformers and torch whenever they are installed (about 3 s and 220 MB more to open a model, for
+nothing we use). See `_ortx_core`; tests/test_runtime_imports.py keeps torch out.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
 import threading
 from pathlib import Path
 
@@ -18,15 +26,59 @@ from samba_edge.plugins.reference import REFERENCES
 from samba_edge.plugins.errors import SambaEdgeError
 
 CONTRIB = "ai.onnx.contrib"
+_ORTX = "onnxruntime_extensions"
 _registered = False
+_lock = threading.Lock()
+
+
+def _ortx_core():
+    """(PyCustomOpDef, get_library_path, onnx_op) from onnxruntime-extensions, without torch.
+
+    `import onnxruntime_extensions` (and so any `onnxruntime_extensions.<submodule>`: a package's
+    `__init__` runs first) executes `from .cvt import gen_processing_models`, and cvt.py imports
+    transformers and torch whenever they are installed (in try/except ImportError). What we use lives
+    in `_ocos` (`onnx_op` is `_ocos.Opdef.declare`), which loads only the compiled `_extensions_pydll`.
+    So the submodules are imported under a bare package module (the installed package's own spec,
+    `__init__` not run) that is dropped right after; they stay in sys.modules, and a later ordinary
+    `import onnxruntime_extensions` runs the real `__init__`, which reuses them (one op registry).
+
+    `_cuops` is imported too, before our ops are added: it registers a Python op (ArgSort) at import,
+    and the extension keeps its Python ops in a std::vector whose element addresses ORT holds once a
+    session exists, so an op added after the first session (as a later full import would do) leaves
+    that session with dangling pointers (a segfault when it is destroyed). Importing it here keeps the
+    registry exactly as a full import builds it. If the package is already imported, this reuses it;
+    if a release moves these modules, it falls back to the public import (correct, only slow again:
+    tests/test_runtime_imports.py then fails)."""
+    if _ORTX not in sys.modules:
+        spec = importlib.util.find_spec(_ORTX)
+        if spec is None or spec.submodule_search_locations is None:
+            raise ImportError(f"No module named {_ORTX!r}")
+        sys.modules[_ORTX] = importlib.util.module_from_spec(spec)
+        try:
+            for sub in ("_ocos", "_cuops"):
+                importlib.import_module(f"{_ORTX}.{sub}")
+        except ModuleNotFoundError as e:
+            if not (e.name or "").startswith(f"{_ORTX}."):
+                raise
+        finally:
+            del sys.modules[_ORTX]
+    ocos = sys.modules.get(f"{_ORTX}._ocos")
+    if ocos is not None and f"{_ORTX}._cuops" in sys.modules:
+        return ocos.PyCustomOpDef, ocos.get_library_path, ocos.Opdef.declare
+    from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
+    return PyCustomOpDef, get_library_path, onnx_op
 
 
 def register_reference_ops() -> str:
     """Register both references once per process; returns the extensions library path."""
+    with _lock:
+        return _register_reference_ops()
+
+
+def _register_reference_ops() -> str:
     global _registered
     try:
-        from onnxruntime_extensions import PyCustomOpDef as P
-        from onnxruntime_extensions import get_library_path, onnx_op
+        P, get_library_path, onnx_op = _ortx_core()
     except ImportError:
         raise SambaEdgeError("running the plugin flavour on ONNX Runtime needs onnxruntime-extensions: "
                              "pip install onnxruntime-extensions (or export --flavor portable)") from None

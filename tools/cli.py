@@ -62,7 +62,8 @@ def convert(checkpoint: str, out: str, config: Optional[str], tokenizer: Optiona
 @click.option("--chunk", type=int, help="feed tokens in chunks of N, carrying state "
               "(default: all at once; an artifact's max chunk)")
 @click.option("--backend", default="auto", show_default=True,
-              help="torch (checkpoint) | ort (exported artifact) | trt (engine directory) | auto")
+              help="auto (artifact: ort; engine: trt; checkpoint: ort on its cached export, torch without "
+                   "onnxruntime) | ort | torch (PyTorch eager, checkpoints) | trt (engine directory)")
 @click.option("--agree-with", help="checkpoint or artifact (e.g. the fp32 export) to measure top-1 agreement with")
 @click.option("--max-tokens", type=int, help="score only the first N tokens")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object: tokens, nll, ppl[, bits_per_byte]")
@@ -127,7 +128,8 @@ def sampling_options(f):
                           "stops at a blank line; write \\\\ for a literal backslash"),
         click.option("--stop-id", multiple=True, type=int, help="stop token id (repeatable)"),
         click.option("--backend", default="auto", show_default=True,
-                     help="auto | ort (a checkpoint is exported to a cache first) | torch | trt (engine directory)"),
+                     help="auto (artifact: ort; engine: trt; checkpoint: ort on its cached export, torch without "
+                          "onnxruntime) | ort | torch (PyTorch eager, checkpoints) | trt (engine directory)"),
         click.option("--state-in", help="continue from this snapshot"),
         click.option("--state-out", help="write the stream's snapshot here at the end (atomically)"),
     ]):
