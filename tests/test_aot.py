@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow          # cold compiles of every kernel x arch (`pytest -m slow`; CI runs it)
+
 pytest.importorskip("triton")
 
 from samba_edge.export.config import get_config  # noqa: E402

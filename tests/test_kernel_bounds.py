@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow          # many interpreter launches (`pytest -m slow`; CI runs it)
+
 TOL = 2e-5
 MAX_LOADS_PER_PROGRAM = 32                       # these shapes need <= 10; more is a runaway loop
 GUARD = 64                                       # guard-band elements on each side of every input

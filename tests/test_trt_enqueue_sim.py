@@ -50,6 +50,7 @@ from samba_edge.plugins import reference, triton_scan, triton_swa, trt_launch  #
 from samba_edge.plugins import trt_plugins as tp  # noqa: E402
 from samba_edge.plugins.trt_parser import mark_plugin_nodes  # noqa: E402
 
+pytestmark = pytest.mark.slow          # graphs through emulated kernel launches (`pytest -m slow`; CI runs it)
 CK, MAX_CHUNK, STREAM = "builtin:samba-tiny-py", 16, 0x5EED
 REF = dict(reference.REFERENCES)                 # the true references, taken before any test patches them
 SCAN, SWA = "SelectiveScan", "SlidingWindowAttention"
