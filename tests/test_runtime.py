@@ -232,6 +232,19 @@ def test_chat_keeps_one_stream_across_turns(artifact, tmp_path):
     assert s.position > len(m.encode("import os\ndef f():\n"))             # both turns and both replies
 
 
+def test_chat_on_a_terminal_has_a_banner_and_prompts(artifact, capsys):
+    from samba_edge.tools.generate import chat
+
+    out = []
+    chat(str(artifact), SamplingParams(max_new_tokens=4), lines=["import os\n", "\n", "x = 1\n"], write=out.append,
+         interactive=True)
+    err = capsys.readouterr().err
+    assert err.startswith(f"samba-edge chat: {artifact} (ort backend, position 0); one line per turn, Ctrl-D")
+    assert err.count("> ") == 4 and "> " not in "".join(out)           # prompts on stderr: once per line + first
+    chat(str(artifact), SamplingParams(max_new_tokens=4), lines=["import os\n"], write=out.append)
+    assert capsys.readouterr().err == ""                                 # piped: replies only
+
+
 class _Opaque:
     """A state the session cannot index or concatenate (as TensorRT's device buffers)."""
 

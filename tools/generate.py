@@ -105,15 +105,28 @@ def generate(artifact: str, prompt: Optional[str], params: SamplingParams, backe
 
 def chat(artifact: str, params: SamplingParams, backend: str = "auto", state_in: Optional[str] = None,
          state_out: Optional[str] = None, lines: Optional[Sequence[str]] = None,
-         write: Callable[[str], None] = sys.stdout.write) -> int:
-    """One stream kept alive across turns: each input line is fed, then a reply streams back."""
+         write: Callable[[str], None] = sys.stdout.write, interactive: Optional[bool] = None) -> int:
+    """One stream kept alive across turns: each input line is fed, then a reply streams back. On a terminal
+    (or interactive=True) a banner and a `> ` prompt go to stderr, so stdout holds only the replies."""
     model = open_model(artifact, backend)
     if model.tokenizer is None:
         raise SambaEdgeError(no_tokenizer_message(artifact, model.backend.name, option=False))
     stream = model.restore(state_in) if state_in else model.new_stream()
+    if interactive is None:
+        interactive = lines is None and sys.stdin.isatty()
+
+    def prompt() -> None:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+
+    if interactive:
+        print(f"samba-edge chat: {artifact} ({model.backend.name} backend, position {stream.position}); one line per "
+              f"turn, Ctrl-D to end{'; snapshot after each turn: ' + state_out if state_out else ''}", file=sys.stderr)
     turns = 0
+    prompt()
     for line in (lines if lines is not None else sys.stdin):
         if not line.strip():
+            prompt()
             continue
         stream.feed_text(line if line.endswith("\n") else line + "\n")
         for piece in stream.generate_text(None, params):
@@ -122,4 +135,5 @@ def chat(artifact: str, params: SamplingParams, backend: str = "auto", state_in:
         turns += 1
         if state_out:
             stream.snapshot(state_out)                      # after every turn: a crash loses at most one
+        prompt()
     return turns
