@@ -182,7 +182,10 @@ def export_onnx(checkpoint: str, out: str | Path, flavor: str = "plugin", config
     import torch
 
     model = ckpt.model(torch.float16 if dtype == "fp16" else torch.float32)
-    proto = trace_onnx(model, flavor, opset, max_chunk, logits == "last")
+    from samba_edge.runtime.progress import stage
+
+    with stage(f"tracing {checkpoint} to ONNX ({flavor}, {dtype})"):
+        proto = trace_onnx(model, flavor, opset, max_chunk, logits == "last")
     register_schemas()
     manifest = build_manifest(model.config, flavor, opset, max_chunk, logits, weights_fingerprint(ckpt.state_dict),
                               tok_name, special, source=_source(checkpoint),
@@ -195,7 +198,8 @@ def export_onnx(checkpoint: str, out: str | Path, flavor: str = "plugin", config
         if flavor == "plugin" and importlib.util.find_spec("triton") is not None:   # AOT GPU kernels
             from samba_edge.plugins.aot import INDEX, KERNELS_DIR, write_kernels
 
-            write_kernels(tmp, model.config, dtype={"float32": "fp32", "float16": "fp16"}[manifest.dtype])
+            with stage("compiling the plugin kernels for every GPU arch (cached)"):
+                write_kernels(tmp, model.config, dtype={"float32": "fp32", "float16": "fp16"}[manifest.dtype])
             manifest.kernels = f"{KERNELS_DIR}/{INDEX}"
         (tmp / "manifest.json").write_text(manifest.to_json())
         if tok_path is not None:

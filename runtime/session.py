@@ -56,8 +56,9 @@ def cached_export(checkpoint: str, flavor: str = "portable", config: Optional[st
         import sys
         import time
 
-        # the first run would otherwise be silent for half a minute; like progress bars, only on a terminal
-        say = sys.stderr.isatty()
+        from samba_edge.runtime.progress import enabled
+
+        say = enabled()                  # the first run would otherwise be silent for half a minute
         t0 = time.monotonic()
         if say:
             print(f"exporting {checkpoint} to ONNX once (cached in {out}) ...", file=sys.stderr, flush=True)
@@ -78,7 +79,9 @@ def _ort_runs(checkpoint: str) -> bool:
 
     if not all(importlib.util.find_spec(m) for m in ("onnxruntime", "torch", "onnx", "onnxscript")):
         return False
-    if checkpoint not in _noted and sys.stderr.isatty():
+    from samba_edge.runtime.progress import enabled
+
+    if checkpoint not in _noted and enabled():
         _noted.add(checkpoint)
         print(f"note: running {checkpoint} with ONNX Runtime on its ONNX export (cached); --backend torch runs "
               "PyTorch eager", file=sys.stderr, flush=True)

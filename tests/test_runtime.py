@@ -318,7 +318,8 @@ def test_first_export_says_what_it_does_on_a_terminal(tmp_path, monkeypatch, cap
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     out = cached_export(CK)
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == f"exporting {CK} to ONNX once (cached in {out}) ..." and err[1].startswith("exported in ")
+    assert err[0] == f"exporting {CK} to ONNX once (cached in {out}) ..." and err[-1].startswith("exported in ")
+    assert any(line.startswith("tracing ") for line in err[1:-1])               # the export's own stages
     assert cached_export(CK) == out and capsys.readouterr().err == ""           # cached: silent
 
 
@@ -332,3 +333,21 @@ def test_auto_runs_a_checkpoint_with_onnx_runtime_when_installed(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
     assert open_model(CK).backend.name == "torch"
+
+
+def test_progress_shows_only_on_a_terminal_and_not_with_quiet(monkeypatch, capsys):
+    import sys
+
+    from samba_edge.runtime.progress import progress, stage
+
+    assert list(progress(range(3), "x")) == [0, 1, 2] and capsys.readouterr().err == ""      # not a terminal
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    with stage("tracing"):
+        pass
+    assert list(progress(range(3), "scoring", unit="doc")) == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert err.startswith("tracing ...\ntracing: done in ") and "scoring" in err
+    monkeypatch.setenv("SAMBA_EDGE_QUIET", "1")                                              # samba-edge --quiet
+    with stage("tracing"):
+        list(progress(range(3), "scoring"))
+    assert capsys.readouterr().err == ""

@@ -292,13 +292,14 @@ def run_bench(artifact: str, baseline: str = "torch", contexts: Sequence[int] = 
     started = time.time()
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     systems: dict = {n: {"label": labels[n], "runs": []} for n in names}
-    for ctx in contexts:
-        for name in names:
-            spec = {"system": name, "context": ctx, "decode_tokens": decode_tokens, "chunk": chunk, "seed": seed,
-                    "threads": threads,
-                    "path": str(art_dir) if name != "torch" else ckpt,
-                    "backend": "ort" if name == "artifact" else "torch"}
-            systems[name]["runs"].append(_run_worker(spec))
+    from samba_edge.runtime.progress import progress
+
+    for ctx, name in progress([(c, n) for c in contexts for n in names], "bench runs", unit="run"):
+        spec = {"system": name, "context": ctx, "decode_tokens": decode_tokens, "chunk": chunk, "seed": seed,
+                "threads": threads,
+                "path": str(art_dir) if name != "torch" else ckpt,
+                "backend": "ort" if name == "artifact" else "torch"}
+        systems[name]["runs"].append(_run_worker(spec))
     fp_art = manifest.fingerprint
     if "torch" in systems:
         fp_torch = systems["torch"]["runs"][0].get("fingerprint")

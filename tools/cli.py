@@ -6,6 +6,7 @@ SambaEdgeError, printed as one line with exit code 2 (a traceback only with --de
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Optional
 
@@ -18,11 +19,14 @@ CHECKPOINT_HELP = "a checkpoint directory, an official .pth training checkpoint,
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="show full tracebacks")
+@click.option("--quiet", is_flag=True, help="no progress or status lines on stderr (they show only on a terminal)")
 @click.version_option(package_name="samba-edge")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """SAMBA from PyTorch checkpoints to exact inference on NVIDIA GPUs and Jetson."""
     ctx.obj = {"debug": debug}
+    if quiet:
+        os.environ["SAMBA_EDGE_QUIET"] = "1"             # runtime/progress.py reads it
 
 
 @cli.command()

@@ -64,7 +64,10 @@ def document_ids(tokenizer, docs: Sequence[str]) -> tuple[list[np.ndarray], int]
 
 def score_ids(backend, docs: Sequence[np.ndarray], chunk: Optional[int], n_bytes: Optional[int]) -> dict:
     """Each id sequence from an empty state; summary incl. the per-position top-1 predictions."""
-    nll, top1 = zip(*(stream_scores(backend, ids, chunk) for ids in docs)) if docs else ((), ())
+    from samba_edge.runtime.progress import progress
+
+    scored = [stream_scores(backend, ids, chunk) for ids in progress(docs, "scoring", unit="doc")]
+    nll, top1 = zip(*scored) if scored else ((), ())
     n = sum(len(x) for x in nll)
     if n == 0:
         raise SambaEdgeError("nothing to score: the text is empty or a single token; give a longer text")

@@ -204,7 +204,9 @@ def validate(artifact: str, reference: str = "torch", backends: Sequence[str] = 
     for r in runners:
         r.activate()
     try:
-        for step in range(steps):
+        from samba_edge.runtime.progress import progress
+
+        for step in progress(range(steps), "validate steps", unit="step"):
             size = chunks[step % len(chunks)]
             ids = rng.integers(0, man.vocab_size, (batch, size), dtype=np.int64)
             for r in runners:
