@@ -338,7 +338,7 @@ def compile_kernel(spec: KernelSpec, arch: ArchSpec) -> tuple[Path, dict]:
     ptxas = _ptxas(arch.ptxas)
     key = _cache_key(spec, arch, ptxas.version)
     root = cache_root()
-    final = _cached(spec, arch)
+    final = _cache_dir(spec, arch, key)
     if (final / "meta.json").is_file():
         return final, json.loads((final / "meta.json").read_text())
 
@@ -401,9 +401,11 @@ def compile_kernel(spec: KernelSpec, arch: ArchSpec) -> tuple[Path, dict]:
     return final, record
 
 
-def _cached(spec: KernelSpec, arch: ArchSpec) -> Path:
-    """The cache folder of one (kernel, arch) compile; meta.json in it means it is done."""
-    return cache_root() / f"{spec.name}-{arch.sm}-{_cache_key(spec, arch, _ptxas(arch.ptxas).version)[:24]}"
+def _cache_dir(spec: KernelSpec, arch: ArchSpec, key: Optional[str] = None) -> Path:
+    """The cache folder of one (kernel, arch) compile (`key`: its _cache_key, computed if not given);
+    meta.json in it means it is done."""
+    key = key or _cache_key(spec, arch, _ptxas(arch.ptxas).version)
+    return cache_root() / f"{spec.name}-{arch.sm}-{key[:24]}"
 
 
 def _compile_quietly(spec: KernelSpec, arch: ArchSpec) -> None:
@@ -420,7 +422,7 @@ def _precompile(jobs: list[tuple[KernelSpec, ArchSpec]]) -> None:
     import concurrent.futures
     import multiprocessing
 
-    todo = [(s, a) for s, a in jobs if not (_cached(s, a) / "meta.json").is_file()]
+    todo = [(s, a) for s, a in jobs if not (_cache_dir(s, a) / "meta.json").is_file()]
     workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
                   len(todo))
     if workers < 2 or os.environ.get("TRITON_INTERPRET") == "1":

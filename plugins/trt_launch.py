@@ -146,15 +146,12 @@ class KernelSet:
             if kind not in kinds or force not in (None, kind) or arch is None:
                 continue
             rec = self.records.get((arch, name))
-            if rec is None or (kind == "ptx" and not rec.get("files", {}).get("ptx")):
+            f = rec["files"].get("cubin" if kind == "cubin" else "ptx") if rec else None
+            if f is None:
                 tried.append(f"{kind} {arch}: none")
                 continue
             if kind == "portable" and _sm_number(sm) < _sm_number(arch):
                 tried.append(f"portable PTX is {arch}, newer than the device")
-                continue
-            f = rec["files"].get("ptx" if kind != "cubin" else "cubin")
-            if f is None:
-                tried.append(f"{kind} {arch}: none")
                 continue
             data = self.files[f] if kind == "cubin" else self.files[f] + b"\0"
             return rec, Image(kind, arch, data)
