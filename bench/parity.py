@@ -41,16 +41,16 @@ def ort_parity(name: str, work: Path) -> dict:
         for batch in (1, 3):
             ids = np.random.default_rng(batch).integers(0, model.config.vocab_size, (batch, 4 * W + 3))
             for size in (1, 5, W + 3):
-                st_o, st_t, p = be.manifest.empty_state(batch), model.empty_state(batch), 0
+                st_o, st_t, p = be.new_state(batch), model.empty_state(batch), 0
                 while p < ids.shape[1]:
                     c = ids[:, p:p + size]
                     pos = np.full(batch, p, dtype=np.int64)
                     lo, st_o = be.run(c, pos, st_o)
                     with torch.no_grad():
                         lt, *st_t = model(torch.as_tensor(c), torch.as_tensor(pos), *st_t)
-                    worst = max(worst, np.abs(lo - lt.numpy()).max(),
-                                *(np.abs(a - b.numpy()).max() for a, b in zip(st_o, st_t)))
                     p += c.shape[1]
+                    worst = max(worst, np.abs(lo - lt.numpy()).max(),        # states in the manifest's layout
+                                *(np.abs(a - b.numpy()).max() for a, b in zip(be.state_to_host(st_o, p), st_t)))
         out[flavor] = worst
     return out
 

@@ -17,7 +17,7 @@ import onnx.inliner
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from samba_edge.export.onnx_ops import _SPECS, _const, _scan_function
+from samba_edge.plugins.onnx_bodies import SIGNATURES, const as _const, scan_function as _scan_function
 from samba_edge.plugins.reference import selective_scan_np
 
 
@@ -56,7 +56,7 @@ def closed_form_function(opset: int) -> onnx.FunctionProto:
         n("Sigmoid", ["z"], ["zs"]), n("Mul", ["z", "zs"], ["zsilu"]), n("Mul", ["y1", "zsilu"], ["y"]),
     ]
     nodes = _topo(nodes)
-    ins = [name for name, _ in _SPECS["SelectiveScan"]["inputs"]]
+    ins = SIGNATURES["SelectiveScan"][0]
     return helper.make_function("samba", "SelectiveScan", ins, ["y", "ssm_state_out"], nodes,
                                 [helper.make_opsetid("", opset)])
 
@@ -76,7 +76,7 @@ def _topo(nodes):
 
 
 def single_op_model(fn: onnx.FunctionProto, opset: int = 18) -> bytes:
-    ins = [name for name, _ in _SPECS["SelectiveScan"]["inputs"]]
+    ins = SIGNATURES["SelectiveScan"][0]
     node = helper.make_node("SelectiveScan", ins, ["y", "ssm_state_out"], domain="samba")
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info(i, TensorProto.FLOAT, None) for i in ins],
                           [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("y", "ssm_state_out")])

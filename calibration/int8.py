@@ -1,7 +1,7 @@
 """`samba-edge calibrate`: an fp32 artifact + real text -> an INT8 explicit-quantisation (Q/DQ) artifact.
 
     W8A8 on the GEMMs only: Mamba in/x/dt/out projections, attention qkv and output, the SwiGLU
-    MLP (the tied head optionally). Symmetric int8, zero point 0, weights per output channel,
+    MLP (the output head optionally). Symmetric int8, zero point 0, weights per output channel,
     activations per tensor. Everything else stays fp32: conv1d, the scan and its inputs' maths,
     norms, RoPE, softmax and every state tensor.
 
@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import gc
 import hashlib
 import io
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -36,6 +36,8 @@ from samba_edge.runtime.manifest import Manifest
 
 METHODS = ("max", "entropy", "percentile")
 DEFAULT_CHUNK = 128
+CALIB_GROUP = 4               # chunks per ORT collect_data call: what calibration holds in memory at once,
+CALIB_HELD_BYTES = 256 * 2**20  # fewer where their outputs (state, logits) would pass this
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
@@ -66,11 +68,14 @@ def gemm_labels(proto, model: dict) -> dict[str, str]:
             continue
         w = n.input[1]
         src = producers.get(w)
-        head = src is not None and src.op_type == "Transpose" and src.input[0] in consts   # the tied head
-        if w not in consts and not head:
+        tied_head = src is not None and src.op_type == "Transpose" and src.input[0] in consts
+        if w not in consts and not tied_head:
             continue
         scope = {p.key: p.value for p in n.metadata_props}.get(SCOPE_KEY, "")
         paths = [s.strip(" '[]") for s in scope.split(",") if s.strip(" '[]").startswith("model.transformer.h.")]
+        # the head: Transpose(wte) when tied; when untied (mamba_init false) its own (d, V) weight, folded
+        # to an initializer outside every block
+        head = tied_head or (not paths and consts[w] == [cfg.n_embd, cfg.padded_vocab_size])
         if head:
             label = "lm_head"
         elif paths:
@@ -83,55 +88,98 @@ def gemm_labels(proto, model: dict) -> dict[str, str]:
     return labels
 
 
-def _untie_head(proto, node_name: str) -> None:
-    """Give the head MatMul its own (transposed) weight initializer so it can be quantised per channel;
-    the embedding Gather keeps the fp32 table."""
+def _untie_head(proto, node_name: str, weights_dir: Optional[Path] = None) -> None:
+    """Give a tied head's MatMul its own (transposed) weight initializer so it can be quantised per channel;
+    the embedding Gather keeps the fp32 table. An untied head has its own already."""
     from onnx import numpy_helper
 
     consts = {i.name: i for i in proto.graph.initializer}
     node = next(n for n in proto.graph.node if n.name == node_name)
+    if node.input[1] in consts:
+        return
     src = next(n for n in proto.graph.node if node.input[1] in n.output)
-    w = numpy_helper.to_array(consts[src.input[0]]).T.copy()
+    w = numpy_helper.to_array(consts[src.input[0]], base_dir=str(weights_dir or "")).T.copy()
     proto.graph.initializer.append(numpy_helper.from_array(w, "lm_head.weight.T"))
     node.input[1] = "lm_head.weight.T"
+    if not any(src.output[0] in n.input for n in proto.graph.node):      # the Transpose fed only the head:
+        proto.graph.node.remove(src)                                       # a dead read of the fp32 table
+
+
+def _own_activation_pairs(proto) -> int:
+    """Give every quantised GEMM its own activation Q/DQ pair (ORT's quantiser shares one between the GEMMs
+    that read the same tensor: SwiGLU w1/w2, q/k/v). Same values, same scales, still explicit Q/DQ (TensorRT
+    reads it alike); but a DequantizeLinear with one consumer is what ONNX Runtime's CPU QDQ fusion needs to
+    turn DQ -> MatMul into an integer GEMM (MatMulIntegerToFloat). Without it those GEMMs dequantise their
+    weights to fp32 at every step. Returns the number of pairs added. (The runtime disables ORT's common
+    subexpression elimination for int8 graphs, which would merge the pairs back.)"""
+    from onnx import helper
+
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    users: dict[str, list] = {}
+    for n in proto.graph.node:
+        for i, x in enumerate(n.input):
+            users.setdefault(x, []).append((n, i))
+    nodes, added = [], 0
+    for n in proto.graph.node:
+        nodes.append(n)
+        q = producer.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear" or len(users.get(n.output[0], [])) < 2:
+            continue
+        for k, (user, i) in enumerate(users[n.output[0]][1:], 1):
+            qo, do = f"{q.output[0]}/own{k}", f"{n.output[0]}/own{k}"
+            nodes.append(helper.make_node("QuantizeLinear", list(q.input), [qo], name=f"{q.name}/own{k}"))
+            nodes[-1].attribute.extend(q.attribute)
+            nodes.append(helper.make_node("DequantizeLinear", [qo, *n.input[1:]], [do], name=f"{n.name}/own{k}"))
+            nodes[-1].attribute.extend(n.attribute)
+            user.input[i] = do
+            added += 1
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return added
 
 
 # ---- calibration data -----------------------------------------------------------------------
 def read_texts(paths: Sequence[str]) -> list[str]:
-    texts = []
-    for p in paths:
-        try:
-            texts.append(Path(p).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SambaEdgeError(f"calibration text {p} not found") from None
-        except UnicodeDecodeError as e:
-            raise SambaEdgeError(f"calibration text {p} is not UTF-8 (byte {e.start}); convert it, "
-                                 "e.g. iconv -t UTF-8") from None
-    return texts
+    from samba_edge.runtime.userio import read_text_file
+
+    return [read_text_file(p, "calibration text") for p in paths]
 
 
 class StreamReader:
     """ORT CalibrationDataReader over one token stream: `samples` consecutive chunks of `chunk` tokens,
-    each with the state the fp32 artifact carries into it (computed lazily, one chunk ahead)."""
+    each with the state the fp32 graph carries into it. The state comes from the calibration session's
+    own run of the previous chunk (`take_outputs`, called by the session tap below), so every chunk runs
+    once and no second session (a second copy of the weights and of ORT's arena) is needed.
 
-    def __init__(self, backend, ids: np.ndarray, samples: int, chunk: int, progress=None) -> None:
-        self.backend, self.ids, self.samples, self.chunk, self.progress = backend, ids, samples, chunk, progress
-        m = backend.manifest
-        self.names = [t.name for t in m.inputs]
+    ORT's histogram calibraters hold every output of everything one `collect_data` call reads (2.1 GB for
+    64 chunks of the 19 MB tiny model) and merge histograms across calls, so the reader hands out `group`
+    chunks per call (`groups()`): memory is one group's outputs."""
+
+    def __init__(self, manifest: Manifest, ids: np.ndarray, samples: int, chunk: int, progress=None,
+                 group: int = 1) -> None:
+        self.manifest, self.ids, self.samples, self.chunk, self.progress = manifest, ids, samples, chunk, progress
+        self.group = group
+        self.names = [t.name for t in manifest.inputs]
         self.rewind()
 
     def rewind(self) -> None:
         self.i = 0
-        self.state = self.backend.manifest.empty_state(1)
+        self.stop = self.samples
+        self.state = self.manifest.empty_state(1)
+
+    def groups(self):
+        """Yield once per group; between yields `get_next` serves that group's chunks, then None."""
+        while self.i < self.samples:
+            self.stop = min(self.i + self.group, self.samples)
+            yield self
+        self.stop = self.samples
 
     def get_next(self) -> Optional[dict]:
-        if self.i >= self.samples:
+        if self.i >= self.stop:
             return None
         p = self.i * self.chunk
         piece = self.ids[None, p:p + self.chunk]
-        start = np.array([p], dtype=np.int64)
-        feed = dict(zip(self.names, [piece, start, *self.state]))
-        _, self.state = self.backend.run(piece, start, self.state)
+        feed = dict(zip(self.names, [piece, np.array([p], dtype=np.int64), *self.state]))
         self.i += 1
         if self.progress is not None:
             self.progress.update(1)
@@ -140,20 +188,49 @@ class StreamReader:
     def __len__(self) -> int:
         return self.samples
 
+    def take_outputs(self, outputs: dict) -> None:
+        """The outputs of the run of the chunk just served: its state is the next chunk's."""
+        self.state = [outputs[s.output] for s in self.manifest.state]
 
-def _calibrater(q, method: str, percentile: float):
-    """ORT's calibrater for `method`, with sessions that know the samba.* ops."""
+
+class _StateTap:
+    """The calibration session, with every run's outputs shown to the reader (for the state)."""
+
+    def __init__(self, session, reader: StreamReader) -> None:
+        self.session, self.reader = session, reader
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def run(self, output_names, feed, *a, **k):
+        out = self.session.run(output_names, feed, *a, **k)
+        self.reader.take_outputs(dict(zip(output_names or self.output_names, out)))
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+
+def _calibrater(q, method: str, percentile: float, activations: set[str]):
+    """ORT's calibrater for `method`, with sessions that know the samba.* ops, observing only
+    `activations` (the quantised GEMMs' activation inputs: ORT would also record every MatMul output,
+    which no Q/DQ pair here uses)."""
     from samba_edge.plugins.ort_ops import plugin_session
 
     base = {"max": q.calibrate.MinMaxCalibrater, "entropy": q.calibrate.EntropyCalibrater,
             "percentile": q.calibrate.PercentileCalibrater}[method]
 
     class _PluginCalibrater(base):
+        def select_tensors_to_calibrate(self, model):
+            tensors, value_infos = super().select_tensors_to_calibrate(model)
+            return tensors & activations, value_infos
+
         def create_inference_session(self):
             import onnxruntime as ort
 
             so = ort.SessionOptions()
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            so.add_session_config_entry("session.disable_prepacking", "1")   # no second copy of the weights
+            so.enable_cpu_mem_arena = False          # an arena keeps the largest chunk's activations reserved
             so.log_severity_level = 3
             self.infer_session = plugin_session(self.augmented_model_path, so, self.execution_providers)
 
@@ -168,7 +245,7 @@ def _calibrater(q, method: str, percentile: float):
 # ---- the command ----------------------------------------------------------------------------
 def calibrate(export_dir: str | Path, out: str | Path, texts: Sequence[str] = (), token_ids: Optional[str] = None,
               samples: int = 64, chunk: Optional[int] = None, method: str = "percentile", percentile: float = 99.99,
-              include_head: bool = False, exclude: Sequence[str] = (), force: bool = False,
+              include_head: bool = True, exclude: Sequence[str] = (), force: bool = False,
               progress: bool = True) -> dict:
     """Public entry of `samba-edge calibrate`; returns the quantisation record written to the manifest.
 
@@ -177,10 +254,11 @@ def calibrate(export_dir: str | Path, out: str | Path, texts: Sequence[str] = ()
 
     import onnx
 
-    from samba_edge.export.checkpoint import atomic_dir, check_output
     from samba_edge.export.onnx_export import is_large, save_onnx
-    from samba_edge.runtime.backends import OrtBackend
-    from samba_edge.tools.evaluate import check_token_ids, load_token_ids
+    from samba_edge.runtime.atomic import atomic_dir, check_output, temp_dir
+    from samba_edge.runtime.integrity import digests
+    from samba_edge.runtime.progress import counter
+    from samba_edge.runtime.userio import load_token_ids, token_ids as checked_ids
 
     q = _ort_quant()
     if "calibration_cache_path" not in inspect.signature(q.quantize_static).parameters:
@@ -202,13 +280,15 @@ def calibrate(export_dir: str | Path, out: str | Path, texts: Sequence[str] = ()
     chunk = chunk or min(DEFAULT_CHUNK, manifest.max_chunk)
     if chunk > manifest.max_chunk:
         raise SambaEdgeError(f"--chunk {chunk} exceeds the artifact's max chunk {manifest.max_chunk}")
-    proto = onnx.load(str(src / manifest.onnx_file))
+    # the graph without its weights: at 421M they are 1.7 GB that the calibration session and the quantiser
+    # read from disk themselves
+    proto = onnx.load(str(src / manifest.onnx_file), load_external_data=False)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
     if any(n.op_type in QDQ_OPS for n in proto.graph.node):
         raise SambaEdgeError(f"{src} already contains Q/DQ nodes (already quantised); calibrate the fp32 export")
     out = Path(out)
     check_output(out, force)
 
-    backend = OrtBackend(src)
     if token_ids is not None:
         ids = load_token_ids(token_ids, manifest.vocab_size)
         data_desc = {"token_ids": Path(token_ids).name}
@@ -220,7 +300,7 @@ def calibrate(export_dir: str | Path, out: str | Path, texts: Sequence[str] = ()
         bodies = read_texts(texts)
         ids = np.asarray([i for t in bodies for i in ([start] if start is not None else []) + tok.encode(t)],
                          dtype=np.int64)
-        ids = check_token_ids(ids, manifest.vocab_size, "calibration text") if ids.size >= 2 else ids
+        ids = checked_ids(ids, manifest.vocab_size, "calibration text")
         data_desc = {"texts": [Path(t).name for t in texts],
                      "sha256": hashlib.sha256("".join(bodies).encode()).hexdigest()}
     need = samples * chunk
@@ -235,24 +315,39 @@ def calibrate(export_dir: str | Path, out: str | Path, texts: Sequence[str] = ()
     if not chosen:
         raise SambaEdgeError("every GEMM is excluded; nothing to quantise (check --exclude)")
     if include_head:
-        _untie_head(proto, next(n for n, lab in labels.items() if lab == "lm_head"))
+        _untie_head(proto, next(n for n, lab in labels.items() if lab == "lm_head"), src)
 
-    large = is_large(proto)                          # (saving below moves the weights out of `proto`)
-    bar = _progress(samples, f"calibrating ({method})") if progress else None
-    with tempfile.TemporaryDirectory(prefix="samba-edge-calib-") as tmp:
+    large = external or is_large(proto)
+    bar = counter(samples, f"calibrating ({method})", unit="chunk") if progress else None
+    with temp_dir(out, "calib") as tmp:              # beside the output, not in /tmp: GBs at 421M
         tmp = Path(tmp)
         model_in = tmp / "model_fp32.onnx"
-        onnx.save_model(proto, str(model_in), save_as_external_data=True, location="model_fp32.onnx.data")
-        cls, kw = _calibrater(q, method, percentile)
+        if external:                                 # the weights stay on disk: the graph's own data file
+            shutil.copyfile(src / f"{manifest.onnx_file}.data", tmp / f"{manifest.onnx_file}.data")
+            onnx.save_model(proto, str(model_in))
+        else:
+            onnx.save_model(proto, str(model_in), save_as_external_data=True, location="model_fp32.onnx.data")
+        nodes = {n.name: n for n in proto.graph.node}
+        activations = {nodes[n].input[0] for n in chosen}
+        cls, kw = _calibrater(q, method, percentile, activations)
         calib = cls(model_in, ["MatMul"], str(tmp / "augmented.onnx"), use_external_data_format=True, **kw)
         calib.augment_graph()
         calib.create_inference_session()
+        calib.model = None                           # ORT's in-memory copy of the weights (1.7 GB at 421M):
+        gc.collect()                                 # the session has its own, nothing after augmenting reads it
+        # ORT holds every output of a collect_data call (state and logits included) until it returns
+        per_sample = manifest.state_bytes(1) + 4 * chunk * manifest.model["padded_vocab_size"]
+        group = max(1, min(CALIB_GROUP, CALIB_HELD_BYTES // per_sample))
+        reader = StreamReader(manifest, ids, samples, chunk, bar, group=group)
+        calib.infer_session = _StateTap(calib.infer_session, reader)
         with contextlib.redirect_stdout(io.StringIO()):          # ORT prints its histogram steps
-            calib.collect_data(StreamReader(backend, ids, samples, chunk, bar))
+            for part in reader.groups():
+                calib.collect_data(part)
             ranges = calib.compute_data()
         if bar is not None:
             bar.close()
-        del calib
+        del calib, reader                            # before the quantiser loads the weights
+        gc.collect()
         q.calibrate.save_tensors_data(ranges, tmp / "ranges.json")
         level = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)           # ORT's "consider pre-processing" advice
@@ -272,6 +367,7 @@ def calibrate(export_dir: str | Path, out: str | Path, texts: Sequence[str] = ()
         qproto = onnx.load(str(tmp / "model.onnx"))
     if not any(n.op_type == "QuantizeLinear" for n in qproto.graph.node):
         raise SambaEdgeError("the quantiser inserted no Q/DQ pairs; is this a samba-edge export?")
+    _own_activation_pairs(qproto)
     record = {"method": method, "percentile": percentile if method == "percentile" else None,
               "samples": samples, "chunk": chunk, "tokens": need, "data": data_desc,
               "scheme": "int8 symmetric, zero point 0; weights per output channel; activations per tensor",
@@ -283,6 +379,7 @@ def calibrate(export_dir: str | Path, out: str | Path, texts: Sequence[str] = ()
                                          "samba_edge.dtype": "int8"})
     with atomic_dir(out, force) as tmp_out:
         save_onnx(qproto, tmp_out / manifest.onnx_file)
+        manifest.files = digests(tmp_out, manifest.onnx_file)
         for f in src.iterdir():                      # tokenizer, kernels, ... (not the graph or its data)
             if f.name in (manifest.onnx_file, f"{manifest.onnx_file}.data", "manifest.json"):
                 continue
@@ -300,11 +397,3 @@ def _version(pkg: str) -> str:
     from importlib.metadata import version
 
     return version(pkg)
-
-
-def _progress(total: int, desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="chunk", leave=False)

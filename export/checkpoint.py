@@ -12,9 +12,7 @@ mis-shaped or non-float tensors are listed in one error, never partially loaded.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -22,10 +20,11 @@ from typing import Optional
 import torch
 
 from samba_edge.export.config import SambaConfig, get_config
+from samba_edge.export.locate import BUILTIN_DIR, builtin_names, resolve  # noqa: F401  (re-exported)
+from samba_edge.runtime.atomic import atomic_dir
 from samba_edge.export.model import Samba
 from samba_edge.runtime.errors import SambaEdgeError
 
-BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 TIED = ("transformer.wte.weight", "lm_head.weight")
 _WRAPPER_PREFIXES = ("_forward_module.", "module.", "_orig_mod.")   # Fabric / DDP / torch.compile
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -45,26 +44,9 @@ class Checkpoint:
             m = Samba(self.config)
         sd = {k: v.float() if k.endswith(FP32_PARAMS) else v.to(dtype) for k, v in self.state_dict.items()}
         m.load_state_dict(sd, strict=True, assign=True)
-        m.lm_head.weight = m.transformer.wte.weight                      # re-tie after assign
+        if self.config.tied:
+            m.lm_head.weight = m.transformer.wte.weight                  # re-tie after assign
         return m.eval()
-
-
-def builtin_names() -> list[str]:
-    return sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / "config.json").is_file()) if BUILTIN_DIR.is_dir() else []
-
-
-def resolve(spec: str) -> Path:
-    """`builtin:NAME` -> its directory; anything else -> an existing path."""
-    if spec.startswith("builtin:"):
-        name = spec.split(":", 1)[1]
-        path = BUILTIN_DIR / name
-        if not (path / "config.json").is_file():
-            raise SambaEdgeError(f"unknown built-in model {name!r}; available: {', '.join(builtin_names()) or 'none'}")
-        return path
-    path = Path(spec)
-    if not path.exists():
-        raise SambaEdgeError(f"checkpoint {spec} not found; pass a checkpoint directory, a .pth file or builtin:NAME")
-    return path
 
 
 def expected_shapes(cfg: SambaConfig) -> dict[str, tuple[int, ...]]:
@@ -74,7 +56,8 @@ def expected_shapes(cfg: SambaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_state_dict(sd: dict, cfg: SambaConfig, source: str) -> dict[str, torch.Tensor]:
-    """Validate against `cfg`; returns the state dict with wrapper prefixes removed and the tie filled."""
+    """Validate against `cfg`; returns the state dict with wrapper prefixes removed and (for a tied head,
+    `cfg.tied`) the tie filled: both names hold one tensor."""
     if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) for k in sd):
         raise SambaEdgeError(f"{source} does not hold a state dict (a mapping of parameter names to tensors)")
     for prefix in _WRAPPER_PREFIXES:
@@ -82,10 +65,19 @@ def check_state_dict(sd: dict, cfg: SambaConfig, source: str) -> dict[str, torch
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     sd = dict(sd)
     present = [k for k in TIED if k in sd]
-    if len(present) == 2 and sd[TIED[0]].shape == sd[TIED[1]].shape and not torch.equal(sd[TIED[0]], sd[TIED[1]]):
-        raise SambaEdgeError(f"{source}: lm_head.weight differs from transformer.wte.weight, but SAMBA ties them")
-    if len(present) == 1:
-        sd[TIED[1 - TIED.index(present[0])]] = sd[present[0]]
+    both = len(present) == 2 and all(isinstance(sd[k], torch.Tensor) for k in TIED)
+    same_shape = both and sd[TIED[0]].shape == sd[TIED[1]].shape
+    if cfg.tied:
+        if same_shape and not torch.equal(sd[TIED[0]], sd[TIED[1]]):
+            raise SambaEdgeError(f"{source}: lm_head.weight differs from transformer.wte.weight, but config "
+                                 f"{cfg.name!r} ties them (mamba_init true); if the checkpoint has its own head, "
+                                 "pass a config with \"mamba_init\": false (--config FILE.json)")
+        if len(present) == 1 or same_shape:                             # one tensor under both names
+            sd[TIED[0]] = sd[TIED[1]] = sd[present[0]]
+    elif present == [TIED[0]]:
+        raise SambaEdgeError(f"{source} has no lm_head.weight, but config {cfg.name!r} gives the head its own "
+                             "weight (mamba_init false); if the head is tied to the embedding, set "
+                             "\"mamba_init\": true in the config")
     want = expected_shapes(cfg)
     problems = [f"missing {k}" for k in want if k not in sd]
     problems += [f"unexpected {k}" for k in sd if k not in want]
@@ -98,10 +90,17 @@ def check_state_dict(sd: dict, cfg: SambaConfig, source: str) -> dict[str, torch
             problems.append(f"{k} has shape {tuple(v.shape)}, expected {want[k]}")
         elif v.dtype not in _FLOAT_DTYPES:
             problems.append(f"{k} has dtype {v.dtype}, expected a float type")
+
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise SambaEdgeError(f"{source} does not match config {cfg.name!r}: {'; '.join(problems[:5])}{more}; "
                              "pass the config the checkpoint was trained with (--config)")
+    broken = [f"{k} ({int((~torch.isfinite(v)).sum())} values)" for k, v in sd.items()
+              if k in want and not torch.isfinite(v).all()]
+    if broken:
+        raise SambaEdgeError(f"{source} holds NaN/Inf weights: {', '.join(broken[:3])}"
+                             f"{f' and {len(broken) - 3} more tensors' if len(broken) > 3 else ''}; the checkpoint "
+                             "is damaged or training diverged: use an earlier checkpoint")
     return sd
 
 
@@ -116,8 +115,10 @@ def _config_for(directory: Optional[Path], config: Optional[str], hparams: Optio
 
 
 def _load_pickle(path: Path) -> dict:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    import zipfile
+
+    try:                     # mmap needs the zip format; a legacy (pre-1.6) torch.save file loads without it
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # noqa: BLE001 - torch raises several types for bad files
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
@@ -142,9 +143,16 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     elif index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise SambaEdgeError(f"{index} is not a valid safetensors index ({e})") from None
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(f, str) and f and Path(f).name == f for f in weight_map.values()):
+            raise SambaEdgeError(f"{index}: weight_map must map tensor names to shard file names in {directory} "
+                                 "(a non-empty JSON object of plain file names)")
         files = [directory / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise SambaEdgeError(f"{index} names shard(s) that are not there: {', '.join(missing[:3])}")
     else:
         raise SambaEdgeError(f"{directory} has no model.safetensors or model.safetensors.index.json")
     sd: dict[str, torch.Tensor] = {}
@@ -207,51 +215,6 @@ def tokenizer_name(path: str | Path) -> str:
                          "pass one of those")
 
 
-def check_output(out: Path, force: bool) -> None:
-    """Fail before any work if OUT exists (without --force) or its parent cannot be written."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise SambaEdgeError(f"{out} already exists; pass --force to replace it or choose another path")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(out.parent, os.W_OK):
-            raise PermissionError(13, "Permission denied")
-    except OSError as e:
-        raise SambaEdgeError(f"cannot write to {out.parent} ({e.strerror}); choose a writable output path") from None
-
-
-def atomic_dir(out: Path, force: bool):
-    """Context manager: yields a temp dir next to `out`, renamed onto it only if the body succeeds."""
-    return _AtomicDir(Path(out), force)
-
-
-class _AtomicDir:
-    def __init__(self, out: Path, force: bool) -> None:
-        self.out, self.force = out, force
-
-    def __enter__(self) -> Path:
-        check_output(self.out, self.force)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=self.out.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        umask = os.umask(0)
-        os.umask(umask)
-        for p in [self.tmp, *self.tmp.rglob("*")]:                     # mkdtemp makes 0700; use the umask
-            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.out, old)
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out)
-
-
 def save_canonical(out: Path, ckpt_or_cfg, state_dict: Optional[dict] = None, tokenizer_files=(),
                    extra_files: Optional[dict[str, str]] = None, force: bool = False) -> Path:
     """Write config.json + model.safetensors (+ tokenizer and extra text files) atomically. Tokenizer files are
@@ -260,7 +223,8 @@ def save_canonical(out: Path, ckpt_or_cfg, state_dict: Optional[dict] = None, to
 
     cfg = ckpt_or_cfg.config if isinstance(ckpt_or_cfg, Checkpoint) else ckpt_or_cfg
     sd = ckpt_or_cfg.state_dict if state_dict is None else state_dict
-    tensors = {k: v.detach().contiguous() for k, v in sd.items() if k != "lm_head.weight"}   # tied: stored once
+    tensors = {k: v.detach().contiguous() for k, v in sd.items()
+               if k != "lm_head.weight" or not cfg.tied}                # a tied head is stored once
     names = [tokenizer_name(f) for f in tokenizer_files]
     if len(set(names)) != len(names):
         raise SambaEdgeError(f"two tokenizer files would both be stored as "

@@ -16,6 +16,13 @@ from typing import Any, Optional
 from samba_edge.runtime.errors import SambaEdgeError
 
 
+# Upper bounds: 10-100x beyond the largest official SAMBA (3.8B), far below where sizes overflow
+LIMITS = {"n_layer": 1024, "n_embd": 65536, "n_head": 1024, "intermediate_size": 1 << 20, "vocab_size": 1 << 22,
+          "d_state": 1024, "d_conv": 64, "expand": 16, "dt_rank": 65536, "head_size": 4096, "n_query_groups": 1024,
+          "padding_multiple": 1 << 16, "block_size": 1 << 30, "condense_ratio": 1 << 20}
+MAX_PARAMS = 10 ** 12
+
+
 @dataclass
 class SambaConfig:
     name: str = "samba"
@@ -36,6 +43,12 @@ class SambaConfig:
     norm_eps: float = 1e-5
     mb_per_layer: int = 2
     nope: bool = False              # True: no RoPE in attention
+    # The official name for "the head is tied to the embedding": lit_gpt GPT ties lm_head.weight to
+    # wte.weight when mamba_init is true (every SAMBA preset); false gives the head its own weight
+    mamba_init: bool = True
+    # The official code builds its cos/sin tables in bf16 (lit_gpt build_rope_cache), so official
+    # checkpoints were trained with bf16-rounded tables; "fp32" keeps them exact (the shipped model's choice)
+    rope_table_dtype: str = "bf16"
     # Mamba-1 mixer (mamba_simple.Mamba defaults, as the official code uses them)
     d_state: int = 16
     d_conv: int = 4
@@ -58,11 +71,26 @@ class SambaConfig:
         def bad(msg: str) -> SambaEdgeError:
             return SambaEdgeError(f"config {self.name!r}: {msg}")
 
-        for f in ("n_layer", "n_embd", "n_head", "intermediate_size", "vocab_size", "d_state",
-                  "d_conv", "expand", "dt_rank", "head_size", "n_query_groups", "padding_multiple"):
+        for f, most in LIMITS.items():
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise bad(f"{f} must be a positive integer, got {v!r}")
+            if v > most:
+                raise bad(f"{f}={v:,} is beyond any model samba-edge can hold (at most {most:,})")
+        for f in ("norm_eps", "rope_base", "rotary_percentage"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise bad(f"{f} must be a finite number > 0, got {v!r}")
+        if self.norm_eps >= 1 or self.rotary_percentage > 1:
+            raise bad(f"norm_eps must be < 1 and rotary_percentage <= 1 (got {self.norm_eps}, {self.rotary_percentage})")
+        for f in ("nope", "mamba_init"):
+            if not isinstance(getattr(self, f), bool):
+                raise bad(f"{f} must be true or false, got {getattr(self, f)!r}")
+        if self.rope_table_dtype not in ("bf16", "fp32"):
+            raise bad(f"rope_table_dtype must be bf16 (the official code's tables) or fp32, got {self.rope_table_dtype!r}")
+        if self.param_count() > MAX_PARAMS:
+            raise bad(f"{self.param_count():,} parameters is beyond any model samba-edge can hold "
+                      f"(at most {MAX_PARAMS:,}); check n_embd, n_layer, vocab_size, intermediate_size")
         if self.n_head % self.n_query_groups:
             raise bad(f"n_head={self.n_head} is not divisible by n_query_groups={self.n_query_groups}; "
                       "use a group count that divides the head count")
@@ -70,7 +98,7 @@ class SambaConfig:
             raise bad(f"padded_vocab_size={self.padded_vocab_size} < vocab_size={self.vocab_size}")
         if self.mb_per_layer != 2:
             raise bad(f"mb_per_layer={self.mb_per_layer}: SAMBA alternates Mamba and attention (mb_per_layer=2)")
-        if not isinstance(self.local_window, int) or self.local_window < 2:
+        if not isinstance(self.local_window, int) or isinstance(self.local_window, bool) or not 2 <= self.local_window <= 1 << 24:
             raise bad(f"local_window={self.local_window!r}: SAMBA needs a sliding window of at least 2 keys")
         if self.d_conv < 2:
             raise bad(f"d_conv={self.d_conv}: the causal conv needs a kernel of at least 2")
@@ -82,6 +110,10 @@ class SambaConfig:
     @property
     def d_inner(self) -> int:            # E
         return self.expand * self.n_embd
+
+    @property
+    def tied(self) -> bool:              # lm_head.weight is wte.weight
+        return self.mamba_init
 
     @property
     def rope_dims(self) -> int:
@@ -99,13 +131,14 @@ class SambaConfig:
         return ["mamba" if self.is_mamba(i) else "attention" for i in range(self.n_layer)]
 
     def param_count(self) -> int:
-        """Parameters with the head tied to the embedding (counted once), computed analytically."""
+        """Parameters (a tied head counted once, as torch's parameters() does), computed analytically."""
         d, E, N, K, R = self.n_embd, self.d_inner, self.d_state, self.d_conv, self.dt_rank
         mamba = 2 * E * d + E * K + E + (R + 2 * N) * E + E * R + E + E * N + E + d * E
         attn = (self.n_head + 2 * self.n_query_groups) * self.head_size * d + d * self.n_head * self.head_size
         mlp_norms = 3 * d * self.intermediate_size + 2 * d
         n_m = sum(self.is_mamba(i) for i in range(self.n_layer))
-        return (self.padded_vocab_size * d + d + n_m * (mamba + mlp_norms)
+        head = 0 if self.tied else self.padded_vocab_size * d
+        return (self.padded_vocab_size * d + head + d + n_m * (mamba + mlp_norms)
                 + (self.n_layer - n_m) * (attn + mlp_norms))
 
     def state_shapes(self, batch: int = 1) -> list[tuple[str, tuple[int, ...]]]:
@@ -134,6 +167,16 @@ class SambaConfig:
             raise SambaEdgeError(f"{source}: expected a JSON object of config fields, got {type(d).__name__}")
         d = dict(d)
         _refuse_non_samba(d, source)
+        omitted = [k for k in OFFICIAL_NOT_SAMBA if k not in d]
+        if omitted:
+            example = ", ".join(f"{k}={PRESETS['Samba_421M'][k]}" for k in omitted)
+            raise SambaEdgeError(f"{source} omits {', '.join(omitted)}, whose official LitGPT default "
+                                 f"({'; '.join(OFFICIAL_NOT_SAMBA[k] for k in omitted)}) is not a SAMBA model: "
+                                 f"set it (Samba_421M has {example})")
+        if "mamba_init" not in d and any(k in d for k in _OURS_ONLY):
+            d["mamba_init"] = True               # written by a samba-edge that predates the field: tied
+        for k, v in OFFICIAL_DEFAULTS.items():   # a hand-written LitGPT JSON means the official defaults
+            d.setdefault(k, v)
         ours = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in d if k not in ours and k not in _OFFICIAL_FIXED)
         if unknown:
@@ -164,10 +207,21 @@ class SambaConfig:
 _OFFICIAL_FIXED: dict[str, Any] = {
     "org": None, "parallel_residual": False, "bias": False, "mlp": True, "shared_attention_norm": False,
     "_norm_class": ("RMSNorm", "FusedRMSNorm"), "_mlp_class": "LLaMAMLP", "mamba": False,
-    "mamba_init": None, "rms_norm": None, "residual_in_fp32": None, "fused_add_norm": None,
+    "rms_norm": None, "residual_in_fp32": None, "fused_add_norm": None,
     "full_per_layer": 1000000, "ret_per_layer": -1, "gla_per_layer": -1, "attn_layer_pos": None,
     "use_mega": False, "abl_mamba": False, "mamba_swa_mlp": False, "sc_attn": False, "compress": None,
 }
+
+
+# Fields whose official default (microsoft/Samba lit_gpt/config.py `Config`) differs from ours: a JSON
+# config that omits one gets the official value (ours only fill presets and our own complete files) ...
+OFFICIAL_DEFAULTS: dict[str, Any] = {"vocab_size": 50254, "padding_multiple": 512, "n_layer": 16, "n_head": 32,
+                                     "n_embd": 4096, "rotary_percentage": 0.25, "mamba_init": False}
+# Fields the official Config does not have: a file that holds them was written by samba-edge
+_OURS_ONLY = ("d_state", "d_conv", "expand", "dt_rank", "rope_table_dtype")
+# ... or is refused, where the official default is not SAMBA
+OFFICIAL_NOT_SAMBA = {"local_window": "-1, full attention", "mb_per_layer": "-1, no Mamba layers",
+                      "intermediate_size": "none, which the official LLaMAMLP refuses"}
 
 
 def _refuse_non_samba(d: dict[str, Any], source: str) -> None:
@@ -202,7 +256,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "Samba_1.3B_nope": _official(n_layer=18, n_head=18, n_embd=2304, intermediate_size=6144, nope=True),
 }
 
-# Tiny shapes for tests: cover MHA, GQA, MQA, NoPE and windows of 8 and 16.
+# Tiny shapes for tests: cover MHA, GQA, MQA, NoPE, partial RoPE, an untied head and windows of 8 and 16.
 _TINY = dict(block_size=128, vocab_size=250, padding_multiple=8, n_layer=4, n_embd=32, n_head=4,
              head_size=8, intermediate_size=64, d_state=8, mb_per_layer=2)
 PRESETS.update({
@@ -211,6 +265,7 @@ PRESETS.update({
     "tiny_mqa_w8": dict(_TINY, n_query_groups=1, local_window=8),
     "tiny_nope_w16": dict(_TINY, nope=True, local_window=16),
     "tiny_partial_rope_w8": dict(_TINY, n_layer=2, rotary_percentage=0.5, local_window=8),
+    "tiny_untied_w8": dict(_TINY, n_layer=2, n_query_groups=2, local_window=8, mamba_init=False),
 })
 
 # Official configs in microsoft/Samba that are ablations or other architectures.

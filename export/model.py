@@ -3,7 +3,7 @@
     x = wte(ids)                                    fp32 residual stream
     for block i:  x = x + Mixer_i(RMSNorm(x))       Mixer = Mamba-1 (even i) | sliding-window attn (odd i)
                   x = x + SwiGLU_i(RMSNorm(x))
-    logits = lm_head(RMSNorm_f(x))                  lm_head tied to wte
+    logits = lm_head(RMSNorm_f(x))                  lm_head tied to wte (mamba_init, every preset)
 
 The same `forward` serves a full sequence from an empty state, prefill chunks and single-token
 decode: every layer's state is an explicit input and output (the contract of the ONNX graph).
@@ -109,14 +109,18 @@ def rope_phase_table(n_rot: int, base: float, condense: int) -> np.ndarray:
     return np.asarray(rows, dtype=np.float32)      # numpy, not a cached tensor: tracing would make it fake
 
 
-def rope(x: Tensor, pos: Tensor, n_rot: int, base: float, condense: int) -> Tensor:
-    """NeoX half-split rotary embedding on the first n_rot dims. x: (b, heads, T, hs), pos: (b, T) int64."""
+def rope(x: Tensor, pos: Tensor, n_rot: int, base: float, condense: int, table_dtype: str = "fp32") -> Tensor:
+    """NeoX half-split rotary embedding on the first n_rot dims. x: (b, heads, T, hs), pos: (b, T) int64.
+    table_dtype "bf16": cos/sin rounded to bfloat16 (round to nearest even) as the official code's
+    tables are, then the rotation in fp32; the phases themselves stay exact at any position."""
     levels = torch.arange(ROPE_LEVELS, device=pos.device)
     rows = (pos[..., None] // 16**levels) % 16 + 16 * levels                 # (b, T, L): each digit's row
     table = torch.tensor(rope_phase_table(n_rot, float(base), condense), device=x.device)
     ang = F.embedding(rows, table).sum(-2)
     ang = ang[:, None]                                                        # (b, 1, T, n_rot/2) fp32
     cos, sin = torch.cos(ang), torch.sin(ang)
+    if table_dtype == "bf16":
+        cos, sin = cos.to(torch.bfloat16).float(), sin.to(torch.bfloat16).float()
     xr, xpass = x[..., :n_rot].float(), x[..., n_rot:]
     x1, x2 = xr.chunk(2, dim=-1)
     rot = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
@@ -143,8 +147,8 @@ class SlidingWindowAttention(nn.Module):
         v = qkv[:, :, :, -1].transpose(1, 2)
         if not c.nope:
             pos = start_pos[:, None] + torch.arange(T, device=h.device)  # absolute positions (b, T)
-            q = rope(q, pos, c.rope_dims, c.rope_base, c.condense_ratio)
-            k = rope(k, pos, c.rope_dims, c.rope_base, c.condense_ratio)
+            q = rope(q, pos, c.rope_dims, c.rope_base, c.condense_ratio, c.rope_table_dtype)
+            k = rope(k, pos, c.rope_dims, c.rope_base, c.condense_ratio, c.rope_table_dtype)
         y, new_k, new_v = ops.sliding_window_attention(
             q, k, v, k_window, v_window, start_pos, c.local_window, 1.0 / math.sqrt(hs))
         return self.proj(y.transpose(1, 2).reshape(b, T, H * hs)), new_k, new_v
@@ -180,7 +184,8 @@ class Samba(nn.Module):
             ln_f=RMSNorm(cfg.n_embd, cfg.norm_eps),
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight                  # tied
+        if cfg.tied:                                                       # official: tied iff mamba_init
+            self.lm_head.weight = self.transformer.wte.weight
 
     def empty_state(self, batch: int, device=None) -> list[Tensor]:
         """Zeros for every state tensor, in `config.state_shapes()` order."""

@@ -32,12 +32,13 @@ def _source(checkpoint: str) -> str:
 
 
 def weights_fingerprint(state_dict) -> str:
-    """sha256 over sorted (name, dtype, shape, bytes); the tied head counted once."""
+    """sha256 over sorted (name, dtype, shape, bytes); a tied head (the embedding's tensor) counted once."""
     import torch
 
     h = hashlib.sha256()
+    wte = state_dict.get("transformer.wte.weight")
     for k in sorted(state_dict):
-        if k == "lm_head.weight":
+        if k == "lm_head.weight" and state_dict[k] is wte:
             continue
         t = state_dict[k].detach().contiguous().cpu()
         h.update(f"{k}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
@@ -118,7 +119,8 @@ def trace_onnx(model, flavor: str, opset: int, max_chunk: int, last_only: bool):
         if scopes is not None:
             node.metadata_props[SCOPE_KEY] = scopes
     if flavor == "portable":
-        to_portable(model_ir, cfg, opset)
+        half = model.transformer.h[1].attn.attn.weight.dtype == torch.float16 if cfg.n_layer > 1 else False
+        to_portable(model_ir, cfg, opset, half=half)
     model_ir.producer_name, model_ir.producer_version = "samba-edge", pkg_version("samba-edge")
     return ir.serde.serialize_model(model_ir)
 
@@ -141,18 +143,21 @@ class _quiet_exporter:
 
 def export_onnx(checkpoint: str, out: str | Path, flavor: str = "plugin", config: Optional[str] = None,
                 max_chunk: int = 256, opset: int = DEFAULT_OPSET, logits: str = "all", force: bool = False,
-                tokenizer: Optional[str] = None, dtype: str = "fp32") -> Path:
+                tokenizer: Optional[str] = None, dtype: str = "fp32", kernel_archs: Optional[str] = None) -> Path:
     """Public entry of `samba-edge export`. Writes atomically: OUTDIR appears complete or not at all.
 
     dtype fp16: weights and GEMMs in fp16, the casts explicit in the graph (strongly typed); the scan,
     delta/dt_proj/softplus/exp, A, D, every state tensor, norm statistics, RoPE phases, softmax and the
-    residual stream stay fp32 (export/model.py decides each, the custom ops' schemas enforce the scan's)."""
+    residual stream stay fp32 (export/model.py decides each, the custom ops' schemas enforce the scan's).
+    kernel_archs (plugin flavour): the GPU archs to compile kernels for, plugins.aot.requested_archs."""
     import shutil
 
     import onnx
 
-    from samba_edge.export.checkpoint import atomic_dir, check_output, load_checkpoint
+    from samba_edge.export.checkpoint import load_checkpoint
+    from samba_edge.runtime.atomic import atomic_dir, check_output
     from samba_edge.export.onnx_ops import register_schemas
+    from samba_edge.runtime.integrity import digests
     from samba_edge.runtime.tokenizer import find_tokenizer, load_tokenizer
 
     if flavor not in FLAVORS:
@@ -160,6 +165,9 @@ def export_onnx(checkpoint: str, out: str | Path, flavor: str = "plugin", config
     if dtype not in DTYPES:
         raise SambaEdgeError(f"unknown --dtype {dtype!r}; use one of: {', '.join(DTYPES)} "
                              "(for int8, export fp32 and run `samba-edge calibrate`)")
+    if not isinstance(opset, int) or isinstance(opset, bool) or opset > onnx.defs.onnx_opset_version():
+        raise SambaEdgeError(f"--opset {opset!r}: this onnx {onnx.__version__} knows opsets up to "
+                             f"{onnx.defs.onnx_opset_version()}; use --opset {DEFAULT_OPSET} (the default)")
     if opset < MIN_OPSET:
         raise SambaEdgeError(f"opset {opset} is too old for the ops this graph uses (Scan/Softmax/Range with "
                              f"dynamic shapes via the dynamo exporter); use --opset {MIN_OPSET} or newer")
@@ -167,6 +175,14 @@ def export_onnx(checkpoint: str, out: str | Path, flavor: str = "plugin", config
         raise SambaEdgeError(f"--max-chunk must be >= 1, got {max_chunk}")
     if logits not in ("all", "last"):
         raise SambaEdgeError(f"--logits must be 'all' or 'last', got {logits!r}")
+    if kernel_archs is not None and flavor != "plugin":
+        raise SambaEdgeError("--kernel-archs is for the plugin flavour (the portable one ships no GPU kernels)")
+    archs = None
+    if flavor == "plugin" and importlib.util.find_spec("triton") is not None:   # AOT GPU kernels
+        from samba_edge.plugins.aot import ARCHS, requested_archs
+
+        archs = requested_archs(kernel_archs)
+        which = "every GPU arch" if archs == sorted(ARCHS) else ", ".join(f"sm_{a}" for a in archs)
     out = Path(out)
     check_output(out, force)
     ckpt = load_checkpoint(checkpoint, config)
@@ -186,6 +202,9 @@ def export_onnx(checkpoint: str, out: str | Path, flavor: str = "plugin", config
 
     with stage(f"tracing {checkpoint} to ONNX ({flavor}, {dtype})"):
         proto = trace_onnx(model, flavor, opset, max_chunk, logits == "last")
+    made = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if made != opset:                  # the manifest records what the graph is, never what was asked
+        raise SambaEdgeError(f"--opset {opset}: the exporter produced opset {made} instead; use --opset {made}")
     register_schemas()
     manifest = build_manifest(model.config, flavor, opset, max_chunk, logits, weights_fingerprint(ckpt.state_dict),
                               tok_name, special, source=_source(checkpoint),
@@ -195,11 +214,12 @@ def export_onnx(checkpoint: str, out: str | Path, flavor: str = "plugin", config
     with atomic_dir(out, force) as tmp:
         save_onnx(proto, tmp / "model.onnx")
         onnx.checker.check_model(str(tmp / "model.onnx"), full_check=True)
-        if flavor == "plugin" and importlib.util.find_spec("triton") is not None:   # AOT GPU kernels
+        manifest.files = digests(tmp, "model.onnx")
+        if archs is not None:
             from samba_edge.plugins.aot import INDEX, KERNELS_DIR, write_kernels
 
-            with stage("compiling the plugin kernels for every GPU arch (cached)"):
-                write_kernels(tmp, model.config, dtype={"float32": "fp32", "float16": "fp16"}[manifest.dtype])
+            with stage(f"compiling the plugin kernels for {which} (cached)"):
+                write_kernels(tmp, model.config, archs, dtype={"float32": "fp32", "float16": "fp16"}[manifest.dtype])
             manifest.kernels = f"{KERNELS_DIR}/{INDEX}"
         (tmp / "manifest.json").write_text(manifest.to_json())
         if tok_path is not None:

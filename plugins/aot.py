@@ -434,6 +434,24 @@ def _precompile(jobs: list[tuple[KernelSpec, ArchSpec]]) -> None:
         log.warning("parallel kernel compilation stopped (%s); compiling in-process", type(e).__name__)
 
 
+def requested_archs(spec: Optional[str] = None) -> list[int]:
+    """`export --kernel-archs` (else $SAMBA_EDGE_KERNEL_ARCHS, else every arch): "87", "sm_87,90", "all".
+    Fewer archs make exports faster and artifacts smaller; without 75 there is no portable PTX for newer GPUs."""
+    from samba_edge.plugins.errors import SambaEdgeError
+
+    text = spec if spec is not None else os.environ.get("SAMBA_EDGE_KERNEL_ARCHS", "all")
+    if text.strip().lower() in ("", "all"):
+        return sorted(ARCHS)
+    try:
+        archs = sorted({int(x.strip().lower().removeprefix("sm_")) for x in text.split(",") if x.strip()})
+    except ValueError:
+        archs = []
+    if not archs or any(a not in ARCHS for a in archs):
+        raise SambaEdgeError(f"kernel archs {text!r}: give a comma-separated list of {', '.join(map(str, sorted(ARCHS)))} "
+                             "(e.g. 87 for Jetson Orin, 75,90 for the portable PTX plus H100) or all")
+    return archs
+
+
 def write_kernels(out_dir: Path, cfg, archs: Optional[list[int]] = None, strict: bool = False,
                   dtype: str = "fp32") -> dict:
     """Compile every kernel of the plugin ops for every arch into out_dir/kernels/; returns the index.

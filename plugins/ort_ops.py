@@ -1,11 +1,13 @@
-"""Run the plugin-flavour graph on ONNX Runtime (CPU) through the numpy references.
+"""Run the plugin-flavour graph on ONNX Runtime (CPU): through the ops' standard-ONNX bodies (the default,
+at the portable flavour's speed) or through the numpy references (the contract; validate and tests).
 
 Why onnxruntime-extensions: it registers Python callables as ORT custom ops with no compiler and
 no ORT headers (the wheels ship none), so the one numpy reference per op (plugins/reference.py)
 is also what ORT executes; a compiled C++ library would be a second implementation to keep in
 sync. Its ops live in domain `ai.onnx.contrib`, so the `samba` nodes are re-domained in a private
-copy of the graph (the artifact on disk is untouched). Cost: a few us per call plus numpy speed;
-this path is the CPU reference, not a production CPU backend (the portable flavour is).
+copy of the graph (the artifact on disk is untouched). Cost: a few us per call plus numpy speed, ~50x
+slower than the bodies at 421M (0.25 vs 12.5 tok/s): this path is the CPU reference, not the way the
+runtime runs a graph.
 
 Only the op-registration core of onnxruntime-extensions is imported (`_ocos`, the compiled
 `_extensions_pydll` it wraps, and `_cuops`): its package `__init__` also imports `cvt`, which imports
@@ -145,26 +147,41 @@ def _widen_half_attention(graph) -> None:
     graph.node.extend(nodes)
 
 
-def plugin_session(model, session_options=None, providers=None, weights_dir=None):
+OPS = ("bodies", "reference")
+
+
+def plugin_session(model, session_options=None, providers=None, weights_dir=None, ops: str = "bodies",
+                   disabled_optimizers=None, ring: bool = False):
     """An InferenceSession for a plugin-flavour model (a path, or a ModelProto whose external weights
-    live in `weights_dir`); samba.* nodes run the numpy references."""
+    live in `weights_dir`). ops "bodies": the samba.* nodes run their standard-op bodies (the portable
+    flavour's ops and speed; plugins/onnx_bodies.py); "reference": they run the numpy references (the
+    contract, for validate and the op tests; numpy speed). ring (bodies only): the attention keeps its
+    window as a ring and the window outputs are the chunk's new rows (runtime/backends.OrtBackend)."""
     import onnx
     import onnxruntime as ort
 
+    if ops not in OPS:
+        raise SambaEdgeError(f"ops must be one of {', '.join(OPS)}, got {ops!r}")
     so = session_options or ort.SessionOptions()
-    so.register_custom_ops_library(register_reference_ops())
     if isinstance(model, onnx.ModelProto):
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
     else:
         weights_dir = weights_dir or Path(model).parent
         proto = onnx.load(str(model), load_external_data=False)
-    for node in proto.graph.node:
-        if node.domain == "samba":
-            node.domain = CONTRIB
-    if {p.key: p.value for p in proto.metadata_props}.get("samba_edge.dtype") == "float16":
-        _widen_half_attention(proto.graph)
-    proto.opset_import.append(onnx.helper.make_opsetid(CONTRIB, 1))
+    if ops == "bodies":
+        from samba_edge.plugins.onnx_bodies import body_functions
+
+        proto.functions.extend(body_functions(proto, ring=ring))   # model-local functions: ORT inlines them
+    else:
+        so.register_custom_ops_library(register_reference_ops())
+        for node in proto.graph.node:
+            if node.domain == "samba":
+                node.domain = CONTRIB
+        if {p.key: p.value for p in proto.metadata_props}.get("samba_edge.dtype") == "float16":
+            _widen_half_attention(proto.graph)
+        proto.opset_import.append(onnx.helper.make_opsetid(CONTRIB, 1))
     if weights_dir is not None:         # the graph goes in as bytes; external weights are read in place
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
-    return ort.InferenceSession(proto.SerializeToString(), so, providers=providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=providers or ["CPUExecutionProvider"],
+                                disabled_optimizers=disabled_optimizers)

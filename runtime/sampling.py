@@ -1,6 +1,7 @@
 """Next-token choice from logits (numpy): greedy, temperature, top-k, top-p, repetition penalty, seeded."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -24,34 +25,101 @@ class SamplingParams:
     stop: Sequence[str] = field(default_factory=tuple)      # stop strings (not included in the output)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.max_new_tokens <= MAX_NEW_TOKENS:
-            raise SambaEdgeError(f"--max-new-tokens must be between 0 and {MAX_NEW_TOKENS:,}, got {self.max_new_tokens}")
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
-            raise SambaEdgeError("sampling needs temperature >= 0, top-k >= 0, 0 < top-p <= 1, repetition penalty > 0")
-        if any(s == "" for s in self.stop):
-            raise SambaEdgeError("a stop string must not be empty")
+        """Every field checked up front (type, finiteness, range), named as the CLI flag that sets it."""
+        _number("--temperature", self.temperature, "a finite number >= 0 (0 = greedy)", lambda v: v >= 0)
+        _number("--top-k", self.top_k, "an integer >= 0 (0 = off)", lambda v: v >= 0, integer=True)
+        _number("--top-p", self.top_p, "a number in (0, 1] (1 = off)", lambda v: 0 < v <= 1)
+        _number("--repetition-penalty", self.repetition_penalty, "a finite number > 0 (1 = off)", lambda v: v > 0)
+        _number("repetition_window", self.repetition_window, "an integer >= 0", lambda v: v >= 0, integer=True)
+        _number("--max-new-tokens", self.max_new_tokens, f"an integer between 0 and {MAX_NEW_TOKENS:,}",
+                lambda v: 0 <= v <= MAX_NEW_TOKENS, integer=True)
+        if self.seed is not None:
+            _number("--seed", self.seed, "an integer >= 0", lambda v: v >= 0, integer=True)
+        for t in self.stop_token_ids:
+            _number("--stop-id", t, "a token id (an integer >= 0)", lambda v: v >= 0, integer=True)
+        for text in self.stop:
+            if not isinstance(text, str) or text == "":
+                raise SambaEdgeError(f"a stop string must be a non-empty string, got {text!r}")
+
+
+def _number(flag: str, value, rule: str, ok, integer: bool = False) -> None:
+    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    good = isinstance(value, kinds) and not isinstance(value, (bool, np.bool_))
+    if good and not integer:
+        good = math.isfinite(float(value))
+    if not good or not ok(value):
+        raise SambaEdgeError(f"{flag} must be {rule}, got {value!r}")
 
 
 def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, recent: Sequence[int] = ()) -> int:
-    """One token id from (V,) logits."""
+    """One token id from (V,) logits: the same token, bit for bit and draw for draw, as `choose_ref`, with
+    no argsort of the vocabulary for top-p and no per-call validation inside rng.choice."""
+    z = _penalised(logits, params, recent)
+    if params.temperature == 0:
+        return int(np.argmax(z))
+    p = _probabilities(z, params)
+    if params.top_p < 1.0:
+        p = _only(p, _nucleus(p, params.top_p))
+    cdf = p.cumsum()                           # what Generator.choice(n, p=p) does, after its checks
+    cdf /= cdf[-1]
+    return int(cdf.searchsorted(rng.random(), side="right"))
+
+
+def _nucleus(p: np.ndarray, top_p: float, first: int = 256) -> np.ndarray:
+    """The indices `choose_ref` keeps for top-p (the prefix of the stable descending order whose cumulative
+    sum first reaches top_p), without an argsort: that prefix's cumulative sums are those of the sorted
+    values (tied values are interchangeable in a sum), so the sorted values give its length n + 1 and its
+    last value v; it holds every index with p > v and the lowest-index ties at v. The values are sorted
+    among the largest `first` only when those already reach top_p (a peaked distribution), else all."""
+    vals = None
+    if first < p.size:
+        top = p[p >= np.partition(p, p.size - first)[p.size - first]]
+        vals = np.sort(top)[::-1]
+        if np.searchsorted(np.cumsum(vals), top_p) >= vals.size:
+            vals = None
+    if vals is None:
+        vals = np.sort(p)[::-1]
+    n = int(np.searchsorted(np.cumsum(vals), top_p))
+    if n >= vals.size:                          # rounding kept the sum below top_p: everything
+        return np.arange(p.size)
+    above = np.flatnonzero(p > vals[n])
+    return np.concatenate([above, np.flatnonzero(p == vals[n])[: n + 1 - above.size]])
+
+
+def _penalised(logits: np.ndarray, params: SamplingParams, recent: Sequence[int]) -> np.ndarray:
     z = logits.astype(np.float64)
     if params.repetition_penalty != 1.0 and len(recent):
         idx = np.unique(np.asarray(recent, dtype=np.int64))
         vals = z[idx]
         z[idx] = np.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
-    if params.temperature == 0:
-        return int(np.argmax(z))
+    return z
+
+
+def _probabilities(z: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """Temperature, then top-k, then the softmax (float64)."""
     z = z / params.temperature
     if params.top_k and params.top_k < z.size:
         kth = np.partition(z, -params.top_k)[-params.top_k]
         z = np.where(z < kth, -np.inf, z)
     p = np.exp(z - z.max())
-    p /= p.sum()
+    return p / p.sum()
+
+
+def _only(p: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """p renormalised over the indices `keep`, zero elsewhere."""
+    mask = np.zeros_like(p)
+    mask[keep] = p[keep]
+    return mask / mask.sum()
+
+
+def choose_ref(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, recent: Sequence[int] = ()) -> int:
+    """The reference for `choose`: the definition, one step per line."""
+    z = _penalised(logits, params, recent)
+    if params.temperature == 0:
+        return int(np.argmax(z))
+    p = _probabilities(z, params)
     if params.top_p < 1.0:
         order = np.argsort(-p, kind="stable")
         cum = np.cumsum(p[order])
-        keep = order[: int(np.searchsorted(cum, params.top_p) + 1)]    # smallest set reaching top_p
-        mask = np.zeros_like(p)
-        mask[keep] = p[keep]
-        p = mask / mask.sum()
+        p = _only(p, order[: int(np.searchsorted(cum, params.top_p) + 1)])    # smallest set reaching top_p
     return int(rng.choice(p.size, p=p))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import json
 import os
 import threading
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 from samba_edge.runtime.errors import SambaEdgeError
 from samba_edge.runtime.sampling import SamplingParams, choose
 from samba_edge.runtime.snapshot import load_snapshot, save_snapshot
+from samba_edge.runtime.userio import token_ids
 
 BACKENDS = ("auto", "ort", "torch", "trt")
 
@@ -37,10 +39,8 @@ def cached_export(checkpoint: str, flavor: str = "portable", config: Optional[st
     """Export a checkpoint once (keyed by its files' paths, sizes and mtimes) and reuse the artifact."""
     from importlib.metadata import version
 
-    from samba_edge.export.checkpoint import resolve
-    from samba_edge.export.onnx_export import export_onnx
-
     import samba_edge.export as exporter
+    from samba_edge.export.locate import resolve      # torch-free: a cache hit imports no PyTorch
 
     src = resolve(checkpoint).resolve()
     files = sorted(src.rglob("*")) if src.is_dir() else [src]
@@ -52,20 +52,45 @@ def cached_export(checkpoint: str, flavor: str = "portable", config: Optional[st
             st = f.stat()
             key.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
     out = cache_dir() / "exports" / f"{src.name}-{flavor}-{key.hexdigest()[:16]}"
-    if not (out / "manifest.json").is_file():
+    ok = (out / "manifest.json").is_file() and _cache_entry_ok(out)
+    if not ok:
         import sys
         import time
 
+        if (out / "manifest.json").is_file():
+            print(f"note: the cached export {out} is damaged; exporting it again", file=sys.stderr, flush=True)
         from samba_edge.runtime.progress import enabled
 
         say = enabled()                  # the first run would otherwise be silent for half a minute
         t0 = time.monotonic()
         if say:
             print(f"exporting {checkpoint} to ONNX once (cached in {out}) ...", file=sys.stderr, flush=True)
+        from samba_edge.export.onnx_export import export_onnx
+
         export_onnx(checkpoint, out, flavor=flavor, config=config, force=True)
         if say:
             print(f"exported in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     return out
+
+
+def _cache_entry_ok(out: Path) -> bool:
+    """A cache entry is used only if its manifest reads and its graph files are the ones written: hashed
+    once, then again whenever a file's size or mtime differs from the last verified ones."""
+    from samba_edge.runtime.integrity import graph_files, verify
+    from samba_edge.runtime.manifest import Manifest
+
+    try:
+        m = Manifest.load(out)
+        stamp = json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in graph_files(out, m.onnx_file)])
+        seen = out / ".verified"
+        if seen.is_file() and seen.read_text() == stamp:
+            return True
+        if not verify(out, m, always=True):
+            return False
+        seen.write_text(stamp)
+        return True
+    except (SambaEdgeError, OSError):
+        return False
 
 
 _noted: set = set()
@@ -163,13 +188,19 @@ class Model:
     def step(self, streams: Sequence["Stream"], tokens: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Advance several streams by the same number of tokens in ONE backend call (e.g. batched decode).
         Rows may sit at different positions. Returns each stream's last-position logits."""
-        if len({len(t) for t in tokens}) != 1 or len(streams) != len(tokens) or not streams:
-            raise SambaEdgeError("a batched step needs one equally long token list per stream")
+        if not streams or len(streams) != len(tokens):
+            raise SambaEdgeError("a batched step needs one token list per stream")
+        if len({id(s) for s in streams}) != len(streams):
+            raise SambaEdgeError("a batched step got the same stream twice; each row must be a different stream "
+                                 "(feed one stream's tokens as one list)")
+        tokens = [token_ids(t, self.vocab_size, f"tokens of stream {i}") for i, t in enumerate(tokens)]
+        if len({t.size for t in tokens}) != 1 or not tokens[0].size:
+            raise SambaEdgeError("a batched step needs equally long, non-empty token lists (one per stream)")
         locks = sorted({id(s): s._lock for s in streams}.items())
         for _, lk in locks:
             lk.acquire()
         try:
-            ids = np.stack([streams[i]._check(t) for i, t in enumerate(tokens)])
+            ids = np.stack(tokens)
             pos = np.array([s.position for s in streams], dtype=np.int64)
             be = self.backend
             with self._lock or contextlib.nullcontext():     # a batch slot (TensorRT) is held stack..split
@@ -205,11 +236,7 @@ class Stream:
 
     # ---- feeding ------------------------------------------------------------------------------
     def _check(self, ids) -> np.ndarray:
-        a = np.asarray(ids, dtype=np.int64).reshape(-1)
-        bad = a[(a < 0) | (a >= self.model.vocab_size)]
-        if bad.size:
-            raise SambaEdgeError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.model.vocab_size})")
-        return a
+        return token_ids(ids, self.model.vocab_size)
 
     def _advance(self, ids, logits: np.ndarray) -> None:
         self.position += len(ids)
@@ -281,15 +308,16 @@ class Stream:
         with self._lock:
             extra = {"rng": self.rng.bit_generator.state, "recent": list(self.recent)}
             arrays = {} if self.last_logits is None else {"last_logits": self.last_logits}
-            return save_snapshot(path, self.model.manifest, self.model.backend.state_to_host(self.state),
+            return save_snapshot(path, self.model.manifest, self.model.backend.state_to_host(self.state, self.position),
                                  self.position, extra, arrays)
 
     def load(self, path: str | Path) -> None:
         with self._lock:
             state, position, extra, arrays = load_snapshot(path, self.model.manifest)
-            self.state, self.position = self.model.backend.state_from_host(state), position
+            self.state, self.position = self.model.backend.state_from_host(state, position), position
             self.rng = np.random.default_rng()
-            self.rng.bit_generator.state = extra["rng"]
+            if "rng" in extra:                          # checked by load_snapshot
+                self.rng.bit_generator.state = extra["rng"]
             self.recent = collections.deque(extra.get("recent", []), maxlen=4096)
             self.last_logits = arrays.get("last_logits")
 

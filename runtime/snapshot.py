@@ -1,26 +1,33 @@
 """Stream snapshots: the recurrent state + position + sampler state in one safetensors file.
 
-Metadata: format version, the manifest's weight fingerprint, the model config, a sha256 checksum
-over the tensors. Restoring from another model or config, a truncated or tampered file, or an
-unknown format version is refused. Writes are atomic (temp file + rename). Torch-free.
+Metadata: format version, the manifest's weight fingerprint, the model config, the stream's sampler
+facts (`extra`: rng state, recent tokens) and a sha256 checksum over every metadata field and every
+tensor (format 1 covered the tensors only; still read). Restoring from another model or config, a
+truncated or tampered file, an unknown format version, or any field of the wrong type or range (one
+stream, a position >= 0, finite state, token ids in the vocabulary, a valid generator state) is
+refused with the field named. Writes are atomic (temp file + rename). Torch-free.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from samba_edge.runtime.atomic import atomic_file
 from samba_edge.runtime.errors import SambaEdgeError
 
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
+READABLE = ("1", "2")
+META_KEYS = ("format", "format_version", "fingerprint", "config", "extra")     # all under the checksum (v2)
 
 
-def _checksum(tensors: dict[str, np.ndarray]) -> str:
+def _checksum(tensors: dict[str, np.ndarray], meta: dict | None = None) -> str:
     h = hashlib.sha256()
+    for k in META_KEYS if meta is not None else ():
+        h.update(f"{k}={meta.get(k)!r}|".encode())
     for k in sorted(tensors):
         a = np.ascontiguousarray(tensors[k])
         h.update(f"{k}|{a.dtype}|{a.shape}|".encode())
@@ -39,11 +46,11 @@ def save_snapshot(path: str | Path, manifest, state: list[np.ndarray], position:
     tensors.update({f"extra.{k}": np.ascontiguousarray(v) for k, v in (arrays or {}).items()})
     meta = {"format": "samba-edge-snapshot", "format_version": str(SNAPSHOT_FORMAT),
             "fingerprint": manifest.fingerprint, "config": json.dumps(manifest.model, sort_keys=True),
-            "extra": json.dumps(extra), "checksum": _checksum(tensors)}
+            "extra": json.dumps(extra)}
+    meta["checksum"] = _checksum(tensors, meta)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
+        tmp = atomic_file(path)
     except OSError as e:
         raise SambaEdgeError(f"cannot write snapshot {path} ({e.strerror}); choose a writable path") from None
     try:
@@ -69,20 +76,57 @@ def load_snapshot(path: str | Path, manifest) -> tuple[list[np.ndarray], int, di
         raise SambaEdgeError(f"snapshot {path} is unreadable ({str(e).splitlines()[0]}); is it truncated?") from None
     if meta.get("format") != "samba-edge-snapshot":
         raise SambaEdgeError(f"{path} is not a samba-edge snapshot")
-    if meta.get("format_version") != str(SNAPSHOT_FORMAT):
-        raise SambaEdgeError(f"snapshot {path} has format version {meta.get('format_version')!r}; "
-                             f"this samba-edge reads version {SNAPSHOT_FORMAT}")
-    if meta.get("fingerprint") != manifest.fingerprint or json.loads(meta.get("config", "{}")) != manifest.model:
+    version = meta.get("format_version")
+    if version not in READABLE:
+        raise SambaEdgeError(f"snapshot {path} has format version {version!r}; "
+                             f"this samba-edge reads versions {', '.join(READABLE)}")
+    try:
+        config = json.loads(meta.get("config", "{}"))
+    except ValueError:
+        config = None
+    if meta.get("fingerprint") != manifest.fingerprint or config != manifest.model:
         raise SambaEdgeError(f"snapshot {path} was taken from another model (weights fingerprint or config differ); "
                              "restore it into the model it came from")
-    if _checksum(tensors) != meta.get("checksum"):
+    if _checksum(tensors, meta if version != "1" else None) != meta.get("checksum"):
         raise SambaEdgeError(f"snapshot {path} fails its checksum: the file was modified or damaged")
+    return _checked_fields(path, manifest, tensors, meta)
+
+
+def _checked_fields(path: Path, manifest, tensors: dict, meta: dict):
+    """Every field's type and range: a checksum proves integrity, not that a crafted file is sane."""
+    def bad(what: str) -> SambaEdgeError:
+        return SambaEdgeError(f"snapshot {path}: {what}; it was not written by samba-edge (or was edited)")
+
+    state = []
+    for s in manifest.state:
+        x = tensors.get(s.name)
+        if x is None:
+            raise bad(f"it lacks state tensor {s.name!r}")
+        if x.dtype != np.dtype(s.dtype) or list(x.shape) != [1, *s.shape]:
+            raise bad(f"{s.name} has shape {list(x.shape)} {x.dtype}, expected [1, {', '.join(map(str, s.shape))}] "
+                      f"{s.dtype} (one stream)")
+        if not np.isfinite(x).all():
+            raise bad(f"{s.name} holds NaN or Inf")
+        state.append(x)
+    pos = tensors.get("position")
+    if pos is None or pos.dtype != np.int64 or pos.shape != (1,) or pos[0] < 0:
+        raise bad("its position is missing, not one int64, or negative")
     try:
-        state = [tensors[s.name] for s in manifest.state]
-    except KeyError as e:
-        raise SambaEdgeError(f"snapshot {path} lacks state tensor {e}") from None
-    for s, x in zip(manifest.state, state):
-        if list(x.shape[1:]) != s.shape or x.dtype != np.dtype(s.dtype):
-            raise SambaEdgeError(f"snapshot {path}: {s.name} has shape {x.shape}/{x.dtype}, expected [*, {s.shape}]")
+        extra = json.loads(meta.get("extra", "{}"))
+    except ValueError:
+        raise bad("its sampler metadata is not JSON") from None
+    if not isinstance(extra, dict):
+        raise bad("its sampler metadata is not an object")
+    recent = extra.get("recent", [])
+    if not isinstance(recent, list) or not all(type(t) is int and 0 <= t < manifest.vocab_size for t in recent):
+        raise bad(f"its recent tokens are not a list of token ids below {manifest.vocab_size}")
+    if "rng" in extra:
+        try:
+            np.random.default_rng().bit_generator.state = extra["rng"]
+        except (TypeError, ValueError, KeyError, OverflowError):
+            raise bad("its random generator state is not a valid PCG64 state") from None
     arrays = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
-    return state, int(tensors["position"][0]), json.loads(meta.get("extra", "{}")), arrays
+    logits = arrays.get("last_logits")
+    if logits is not None and (logits.ndim != 1 or logits.dtype.kind != "f" or not np.isfinite(logits).all()):
+        raise bad("its last logits are not one finite float vector")
+    return state, int(pos[0]), extra, arrays

@@ -205,7 +205,7 @@ class TrtBackend:
             self._ok(self.cu.cudaMemsetAsync(p, 0, n, self.stream), "cudaMemsetAsync")
         return st
 
-    def state_from_host(self, arrays: Sequence[np.ndarray]) -> DeviceState:
+    def state_from_host(self, arrays: Sequence[np.ndarray], position=None) -> DeviceState:
         arrays = [np.ascontiguousarray(a, np.dtype(s.dtype)) for a, s in zip(arrays, self.manifest.state)]
         st = DeviceState(self, arrays[0].shape[0])
         for p, a in zip(st.reads(), arrays):
@@ -220,7 +220,7 @@ class TrtBackend:
         slot, r = st.home
         return slot.reads(), r
 
-    def state_to_host(self, st: DeviceState) -> list[np.ndarray]:
+    def state_to_host(self, st: DeviceState, position=None) -> list[np.ndarray]:
         out = [np.empty([st.batch, *s.shape], np.dtype(s.dtype)) for s in self.manifest.state]
         bufs, r = self._rows(st)
         for p, a, row in zip(bufs, out, self.state_row_bytes):

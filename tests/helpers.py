@@ -6,7 +6,7 @@ import torch
 from samba_edge.export.config import get_config
 from samba_edge.export.model import Samba, init_official
 
-TINY_PRESETS = ["tiny_mha_w16", "tiny_gqa2_w8", "tiny_mqa_w8", "tiny_nope_w16", "tiny_partial_rope_w8"]
+TINY_PRESETS = ["tiny_mha_w16", "tiny_gqa2_w8", "tiny_mqa_w8", "tiny_nope_w16", "tiny_partial_rope_w8", "tiny_untied_w8"]
 
 
 @torch.no_grad()

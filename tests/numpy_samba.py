@@ -58,13 +58,22 @@ def mamba(h: np.ndarray, sd: dict, p: str, cfg) -> np.ndarray:
     return (y * silu(z)) @ sd[p + "out_proj.weight"].T
 
 
-def rope_neox(x: np.ndarray, n_rot: int, base: float, condense: int = 1) -> np.ndarray:
+def _bf16(a: np.ndarray) -> np.ndarray:
+    """fp32 -> bfloat16 -> fp32 by bit arithmetic (round to nearest, ties to even), independent of torch."""
+    b = a.astype(np.float32).view(np.uint32).astype(np.uint64)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.astype(np.uint32).view(np.float32).astype(a.dtype)
+
+
+def rope_neox(x: np.ndarray, n_rot: int, base: float, condense: int = 1, table_dtype: str = "fp32") -> np.ndarray:
     """x: (heads, L, hs); rotate the first n_rot dims (half-split pairs i, i + n_rot/2)."""
     L = x.shape[1]
     half = n_rot // 2
     inv_freq = base ** (-(2.0 * np.arange(half)) / n_rot)       # theta_i = base^(-2i/n_rot)
     ang = (np.arange(L, dtype=F64) / condense)[:, None] * inv_freq[None, :]   # (L, half)
     cos, sin = np.cos(ang), np.sin(ang)
+    if table_dtype == "bf16":                                    # the official tables: bf16, round to nearest even
+        cos, sin = _bf16(cos), _bf16(sin)
     x1, x2 = x[..., :half], x[..., half:n_rot]
     out = x.copy()
     out[..., :half] = x1 * cos - x2 * sin
@@ -85,8 +94,8 @@ def sliding_window_attention(h: np.ndarray, sd: dict, p: str, cfg) -> np.ndarray
     v = np.einsum("gcd,ld->glc", wv, h)
     if not cfg.nope:
         n_rot = int(cfg.rotary_percentage * hs)
-        q = rope_neox(q, n_rot, cfg.rope_base, cfg.condense_ratio)
-        k = rope_neox(k, n_rot, cfg.rope_base, cfg.condense_ratio)
+        q = rope_neox(q, n_rot, cfg.rope_base, cfg.condense_ratio, cfg.rope_table_dtype)
+        k = rope_neox(k, n_rot, cfg.rope_base, cfg.condense_ratio, cfg.rope_table_dtype)
 
     i = np.arange(L)[:, None]
     j = np.arange(L)[None, :]
@@ -107,7 +116,7 @@ def samba_forward_np(state_dict: dict, cfg, ids: np.ndarray) -> np.ndarray:
     """Full-sequence SAMBA logits (B, L, padded_vocab_size) in float64 from an empty state."""
     sd = {k: np.asarray(v, dtype=F64) for k, v in state_dict.items()}
     wte = sd["transformer.wte.weight"]
-    head = sd.get("lm_head.weight", wte)                        # tied to wte in SAMBA
+    head = sd.get("lm_head.weight", wte)                        # tied to wte unless mamba_init is false
     eps = cfg.norm_eps
     ids = np.asarray(ids)
     out = []

@@ -380,9 +380,11 @@ def test_launcher_passes_the_plugin_parameters(built, monkeypatch, route):
         assert len(launch["types"]) == len(rec["args"])
 
 
-def test_export_ships_kernels(cache, tmp_path):
-    """The plugin flavour's manifest points at kernels/kernels.json; the portable one has none."""
+def test_export_ships_kernels(cache, tmp_path, monkeypatch):
+    """The plugin flavour's manifest points at kernels/kernels.json with every arch by default (the test
+    suite's conftest restricts exports elsewhere); --kernel-archs picks some, and bad lists are refused."""
     pytest.importorskip("onnx")
+    monkeypatch.delenv("SAMBA_EDGE_KERNEL_ARCHS", raising=False)
     from samba_edge.export.onnx_export import export_onnx
     from samba_edge.runtime.manifest import Manifest
 
@@ -399,6 +401,16 @@ def test_export_ships_kernels(cache, tmp_path):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "manifest.json").write_text(json.dumps(d))
     assert Manifest.load(tmp_path / "old").kernels is None
+    some = export_onnx("builtin:samba-tiny-py", tmp_path / "orin", flavor="plugin", max_chunk=8, kernel_archs="sm_87")
+    assert sorted(json.loads((some / m.kernels).read_text())["archs"]) == ["sm_87"]
+    from samba_edge.plugins.errors import SambaEdgeError
+
+    for bad in ("86,91", "ampere", ","):
+        with pytest.raises(SambaEdgeError, match="comma-separated list of 75, 80"):
+            export_onnx("builtin:samba-tiny-py", tmp_path / "bad", flavor="plugin", kernel_archs=bad)
+    with pytest.raises(SambaEdgeError, match="plugin flavour"):
+        export_onnx("builtin:samba-tiny-py", tmp_path / "bad", flavor="portable", kernel_archs="87")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_gpu_check_without_gpu_exits_2():

@@ -166,3 +166,41 @@ def test_convert_stores_a_sentencepiece_model_as_tokenizer_model(tmp_path, model
     with pytest.raises(SambaEdgeError, match="not a valid SentencePiece model"):
         convert_checkpoint(str(src), str(tmp_path / "c2"), tokenizer=str(tmp_path / "fake.model"))
     assert not (tmp_path / "c2").exists()
+
+
+# ---- an untied head (mamba_init false) --------------------------------------------------------
+UNTIED = "tiny_untied_w8"
+
+
+def test_untied_head_loads_converts_and_fingerprints_as_its_own_weight(tmp_path):
+    from safetensors import safe_open
+
+    from samba_edge.export.onnx_export import weights_fingerprint
+
+    model = tiny_model(UNTIED, seed=2)
+    assert not torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+    torch.save({"model": model.state_dict(), "hparams": {"model_name": UNTIED}}, tmp_path / "u.pth")
+    ck = load_checkpoint(str(tmp_path / "u.pth"))
+    m = ck.model()
+    assert m.lm_head.weight is not m.transformer.wte.weight
+    ids = torch.randint(0, 250, (2, 21))
+    assert torch.equal(full_forward(m, ids), full_forward(model, ids))
+    out = convert_checkpoint(str(tmp_path / "u.pth"), str(tmp_path / "canon"))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" in f.keys()
+    assert torch.equal(full_forward(load_checkpoint(str(out)).model(), ids), full_forward(model, ids))
+    moved = dict(ck.state_dict, **{"lm_head.weight": ck.state_dict["lm_head.weight"] + 1})
+    assert weights_fingerprint(moved) != weights_fingerprint(ck.state_dict)   # the export cache sees the head
+
+
+def test_head_and_config_that_disagree_name_mamba_init(tmp_path):
+    untied = tiny_model(UNTIED, seed=2)
+    sd = untied.state_dict()
+    torch.save(sd, tmp_path / "untied.pt")
+    tied_cfg = untied.config.to_dict() | {"mamba_init": True}
+    (tmp_path / "tied.json").write_text(json.dumps(tied_cfg))
+    with pytest.raises(SambaEdgeError, match=r"lm_head.weight differs .*\"mamba_init\": false"):
+        load_checkpoint(str(tmp_path / "untied.pt"), config=str(tmp_path / "tied.json"))
+    torch.save({k: v for k, v in sd.items() if k != "lm_head.weight"}, tmp_path / "headless.pt")
+    with pytest.raises(SambaEdgeError, match=r"no lm_head.weight.*\"mamba_init\": true"):
+        load_checkpoint(str(tmp_path / "headless.pt"), config=UNTIED)

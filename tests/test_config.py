@@ -22,7 +22,25 @@ def test_analytic_count_matches_the_module(name):
     with torch.device("meta"):
         m = Samba(cfg)
     assert sum(p.numel() for p in m.parameters()) == cfg.param_count()
-    assert m.lm_head.weight is m.transformer.wte.weight
+    assert (m.lm_head.weight is m.transformer.wte.weight) == cfg.tied == (name != "tiny_untied_w8")
+
+
+def test_mamba_init_ties_the_head_as_the_official_code_does(tmp_path):
+    """lit_gpt GPT ties lm_head to wte iff mamba_init; its Config default is False, every SAMBA preset sets True."""
+    p = tmp_path / "c.json"
+    base = dict(n_layer=2, n_embd=64, n_head=4, intermediate_size=128, local_window=16, mb_per_layer=2)
+    p.write_text(json.dumps(base))
+    untied = get_config(str(p))
+    assert not untied.tied
+    p.write_text(json.dumps(dict(base, mamba_init=True)))
+    tied = get_config(str(p))
+    assert tied.tied and untied.param_count() == tied.param_count() + tied.padded_vocab_size * 64
+    old = get_config("tiny_gqa2_w8").to_dict()                         # a file samba-edge wrote before the field
+    del old["mamba_init"]
+    assert SambaConfig.from_dict(old).tied
+    p.write_text(json.dumps(dict(base, mamba_init="yes")))
+    with pytest.raises(SambaEdgeError, match="mamba_init must be true or false"):
+        get_config(str(p))
 
 
 def test_defaults_follow_litgpt():
@@ -56,11 +74,19 @@ def test_ablations_are_refused(name):
     ({"use_mega": True}, "not SAMBA"),
     ({"n_layer": 0}, "positive integer"),
     ({"local_window": 1}, "window"),
+    ({"norm_eps": 0}, "norm_eps must be a finite number > 0"),
+    ({"norm_eps": -1e-5}, "norm_eps"),
+    ({"n_embd": 10 ** 9}, "beyond any model"),
+    ({"vocab_size": 10 ** 12}, "beyond any model"),
+    ({"n_layer": 1000, "n_embd": 16384, "n_head": 128, "intermediate_size": 65536}, "parameters is beyond"),
+    ({"rope_base": "10k"}, "rope_base"),
+    ({"nope": "yes"}, "nope must be"),
     ({"no_such_field": 3}, "unknown config field"),
 ])
 def test_bad_json_configs(tmp_path, fields, match):
     p = tmp_path / "c.json"
-    p.write_text(json.dumps({**dict(n_layer=2, n_embd=64, n_head=4, intermediate_size=128), **fields}))
+    p.write_text(json.dumps({**dict(n_layer=2, n_embd=64, n_head=4, intermediate_size=128, local_window=16,
+                                    mb_per_layer=2), **fields}))
     with pytest.raises(SambaEdgeError, match=match):
         get_config(str(p))
 
@@ -72,3 +98,21 @@ def test_malformed_json_and_unknown_preset(tmp_path):
         get_config(str(p))
     with pytest.raises(SambaEdgeError, match="unknown config"):
         get_config("Samba_9B")
+
+
+def test_hand_written_json_gets_the_official_defaults(tmp_path):
+    """A LitGPT JSON that omits a field means the official default (lit_gpt/config.py), not ours; where the
+    official default is not SAMBA (local_window -1, mb_per_layer -1, no intermediate_size) it is refused."""
+    p = tmp_path / "c.json"
+    base = dict(n_layer=2, n_embd=64, n_head=4, intermediate_size=128, local_window=16, mb_per_layer=2)
+    p.write_text(json.dumps(base))
+    cfg = get_config(str(p))
+    assert (cfg.rotary_percentage, cfg.vocab_size, cfg.padding_multiple) == (0.25, 50254, 512)
+    assert cfg.rope_dims == 4                                           # 0.25 x head size 16
+    for field in ("local_window", "mb_per_layer", "intermediate_size"):
+        p.write_text(json.dumps({k: v for k, v in base.items() if k != field}))
+        with pytest.raises(SambaEdgeError, match=f"omits {field}.*official"):
+            get_config(str(p))
+    saved = get_config("tiny_partial_rope_w8")                         # our own files are complete
+    saved.save(tmp_path / "t.json")
+    assert SambaConfig.from_json(tmp_path / "t.json") == saved

@@ -16,7 +16,8 @@ from samba_edge.runtime.manifest import Manifest  # noqa: E402
 from samba_edge.tests.helpers import tiny_model  # noqa: E402
 
 TOL = 1e-4
-PRESETS = ["tiny_gqa2_w8", "tiny_nope_w16"]
+PRESETS = ["tiny_gqa2_w8", "tiny_nope_w16", "tiny_untied_w8"]
+UNTIED = PRESETS[2]
 
 
 @pytest.fixture(scope="module")
@@ -31,28 +32,41 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def artifacts(checkpoints, tmp_path_factory):
+    """(preset, flavour) -> its export, made on first use (the slow-marked cases add two presets' worth)."""
     root = tmp_path_factory.mktemp("art")
-    return {(name, fl): export_onnx(str(ck), root / f"{name}-{fl}", flavor=fl, max_chunk=32)
-            for name, (ck, _) in checkpoints.items() for fl in ("plugin", "portable")}
+
+    class Lazy(dict):
+        def __missing__(self, key):
+            name, fl = key
+            self[key] = export_onnx(str(checkpoints[name][0]), root / f"{name}-{fl}", flavor=fl, max_chunk=32)
+            return self[key]
+
+    return Lazy()
 
 
-def run_schedule(step, state, ids, size):
-    """Feed ids in chunks of `size`; returns per-chunk (logits, state) after each call."""
+def run_schedule(step, state, ids, size, to_host=lambda state, pos: [np.array(s) for s in state]):
+    """Feed ids in chunks of `size`; returns per-chunk (logits, state in the manifest's layout) after each
+    call (a copy: a backend may update its own state in place, as ONNX Runtime's rings are)."""
     b, L = ids.shape
     res, p = [], 0
     while p < L:
         c = ids[:, p:p + size]
         logits, state = step(c, np.full(b, p, dtype=np.int64), state)
-        res.append((logits, [np.asarray(s) for s in state]))
         p += c.shape[1]
+        res.append((logits, to_host(state, np.full(b, p))))
     return res
 
 
-@pytest.mark.parametrize("flavor", ["plugin", "portable"])
-@pytest.mark.parametrize("name", PRESETS)
-def test_ort_matches_torch_chunk_by_chunk(checkpoints, artifacts, name, flavor):
+RUNS = [("plugin", "reference"), ("plugin", "bodies"), ("portable", None)]   # plugin: the numpy references, and
+                                                                          # the standard-op bodies ORT runs
+
+
+@pytest.mark.parametrize("name, flavor, ops", [
+    (n, f, o) if n == PRESETS[0] or (n, f) == (UNTIED, "portable") else pytest.param(n, f, o, marks=pytest.mark.slow)
+    for n in PRESETS for f, o in RUNS])
+def test_ort_matches_torch_chunk_by_chunk(checkpoints, artifacts, name, flavor, ops):
     _, model = checkpoints[name]
-    be = OrtBackend(artifacts[(name, flavor)], threads=1)
+    be = OrtBackend(artifacts[(name, flavor)], threads=1, **({"ops": ops} if ops else {}))
     W = model.config.local_window
 
     def torch_step(c, pos, state):
@@ -64,11 +78,41 @@ def test_ort_matches_torch_chunk_by_chunk(checkpoints, artifacts, name, flavor):
     for batch in (1, 3):
         ids = np.random.default_rng(batch).integers(0, model.config.vocab_size, (batch, 4 * W + 3))
         for size in (1, 5, W + 3):
-            got = run_schedule(be.run, be.manifest.empty_state(batch), ids, size)
+            got = run_schedule(be.run, be.new_state(batch), ids, size, be.state_to_host)
             want = run_schedule(torch_step, model.empty_state(batch), ids, size)
             for (lg, sg), (lw, sw) in zip(got, want):
                 worst = max(worst, np.abs(lg - lw).max(), *(np.abs(a - b).max() for a, b in zip(sg, sw)))
     assert worst <= TOL, f"{name}/{flavor}: max-abs {worst:.2e}"
+
+
+def test_an_untied_head_is_its_own_weight_gemm_and_quantises(checkpoints, artifacts, tmp_path):
+    """mamba_init false: the head is a (d, V) initializer of its own; calibration labels it lm_head, keeps it
+    fp32 with include_head=False and quantises it with include_head=True (the default), and the int8 model runs."""
+    from samba_edge.calibration.int8 import calibrate, gemm_labels
+
+    art = artifacts[(UNTIED, "portable")]
+    cfg = checkpoints[UNTIED][1].config
+    proto = onnx.load(str(art / "model.onnx"))
+    labels = gemm_labels(proto, Manifest.load(art).model)
+    (head,) = [n for n, lab in labels.items() if lab == "lm_head"]
+    node = next(n for n in proto.graph.node if n.name == head)
+    weights = {i.name: list(i.dims) for i in proto.graph.initializer}
+    assert weights[node.input[1]] == [cfg.n_embd, cfg.padded_vocab_size]
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 4096)
+    np.save(tmp_path / "ids.npy", ids)
+    dq = {}
+    for include in (False, True):
+        out = tmp_path / f"int8-{include}"
+        calibrate(art, out, token_ids=str(tmp_path / "ids.npy"), samples=4, chunk=32, include_head=include,
+                  progress=False)
+        g = onnx.load(str(out / "model.onnx")).graph
+        producers = {o: n for n in g.node for o in n.output}
+        matmul = next(n for n in g.node if n.name == head)
+        dq[include] = getattr(producers.get(matmul.input[1]), "op_type", None) == "DequantizeLinear"
+        be = OrtBackend(out, threads=1)
+        logits, _ = be.run(ids[None, :9], np.zeros(1, np.int64), be.manifest.empty_state(1))
+        assert np.isfinite(logits).all()
+    assert dq == {False: False, True: True}
 
 
 def test_flavours_have_the_promised_ops(artifacts):
@@ -102,6 +146,7 @@ def test_manifest_is_the_table(artifacts, checkpoints):
     assert len(man.fingerprint) == 64 and man.format_version == 1
 
 
+@pytest.mark.slow
 def test_export_is_deterministic(checkpoints, artifacts, tmp_path):
     ck, _ = checkpoints["tiny_gqa2_w8"]
     again = export_onnx(str(ck), tmp_path / "again", flavor="plugin", max_chunk=32)
@@ -110,6 +155,7 @@ def test_export_is_deterministic(checkpoints, artifacts, tmp_path):
         assert (again / f).read_bytes() == (first / f).read_bytes(), f
 
 
+@pytest.mark.slow
 def test_last_only_logits(checkpoints, tmp_path):
     ck, model = checkpoints["tiny_gqa2_w8"]
     art = export_onnx(str(ck), tmp_path / "last", flavor="portable", max_chunk=16, logits="last")
@@ -147,18 +193,19 @@ def test_unwritable_output(checkpoints, tmp_path):
 def test_eval_on_artifact_equals_checkpoint(checkpoints, artifacts, tmp_path):
     from samba_edge.tools.evaluate import evaluate
 
-    ck, _ = checkpoints["tiny_nope_w16"]
+    ck, _ = checkpoints["tiny_gqa2_w8"]
     np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 250, 70))
     ref = evaluate(str(ck), token_ids=str(tmp_path / "ids.npy"), chunk=7)
     for fl in ("plugin", "portable"):
-        got = evaluate(str(artifacts[("tiny_nope_w16", fl)]), token_ids=str(tmp_path / "ids.npy"), chunk=7,
+        got = evaluate(str(artifacts[("tiny_gqa2_w8", fl)]), token_ids=str(tmp_path / "ids.npy"), chunk=7,
                        backend="ort")
         assert got["tokens"] == ref["tokens"] == 69 and abs(got["nll"] - ref["nll"]) < 1e-5
     with pytest.raises(SambaEdgeError, match="exceeds the artifact's max chunk"):
-        evaluate(str(artifacts[("tiny_nope_w16", "plugin")]), token_ids=str(tmp_path / "ids.npy"), chunk=64)
-    assert json.loads((artifacts[("tiny_nope_w16", "plugin")] / "manifest.json").read_text())["flavor"] == "plugin"
+        evaluate(str(artifacts[("tiny_gqa2_w8", "plugin")]), token_ids=str(tmp_path / "ids.npy"), chunk=64)
+    assert json.loads((artifacts[("tiny_gqa2_w8", "plugin")] / "manifest.json").read_text())["flavor"] == "plugin"
 
 
+@pytest.mark.slow
 def test_cli_export_errors_exit_2(capsys, checkpoints, tmp_path):
     from samba_edge.tests.test_cli import run
 

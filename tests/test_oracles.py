@@ -17,9 +17,8 @@ import torch
 from samba_edge.export import ops
 from samba_edge.export.config import get_config
 from samba_edge.export.model import Samba, init_official
+from samba_edge.tests.helpers import TINY_PRESETS as PRESETS
 from samba_edge.tests.numpy_samba import samba_forward_np
-
-PRESETS = ["tiny_mha_w16", "tiny_gqa2_w8", "tiny_mqa_w8", "tiny_nope_w16", "tiny_partial_rope_w8"]
 
 
 @torch.no_grad()
@@ -36,6 +35,8 @@ def perturbed_model(name: str, seed: int = 0) -> Samba:
         elif not n.endswith("wte.weight"):
             p.add_(0.3 * p.std() * noise)
     model.transformer.wte.weight.mul_(10.0)                      # tied head: logits O(1)
+    if not model.config.tied:
+        model.lm_head.weight.mul_(10.0)
     return model
 
 
@@ -65,6 +66,27 @@ def test_whole_model_matches_numpy_float64(name):
 
 
 # ---- Mamba mixer vs transformers' MambaMixer --------------------------------------------------
+@pytest.mark.parametrize("name", ["tiny_gqa2_w8", "tiny_partial_rope_w8"])
+def test_rope_table_dtype_is_part_of_the_model(name):
+    """bf16 tables (the official code's, the presets' default) and fp32 tables are different models, and
+    each matches the numpy oracle that rounds the same way (by bit arithmetic, not torch's cast)."""
+    model = perturbed_model(name)
+    assert model.config.rope_table_dtype == "bf16"
+    ids = torch.randint(0, model.config.vocab_size, (1, 3 * model.config.local_window + 3),
+                        generator=torch.Generator().manual_seed(3))
+    sd = numpy_state_dict(model)
+    outs = {}
+    for dt in ("bf16", "fp32"):
+        model.config.rope_table_dtype = dt
+        with torch.no_grad():
+            got = model(ids, torch.zeros(1, dtype=torch.long), *model.empty_state(1))[0].double().numpy()
+        ref = samba_forward_np(sd, model.config, ids.numpy())
+        assert float(np.abs(got - ref).max()) <= 1e-5, f"{name} {dt}: torch vs numpy"
+        outs[dt] = got
+    model.config.rope_table_dtype = "bf16"
+    assert float(np.abs(outs["bf16"] - outs["fp32"]).max()) > 1e-4, "the table dtype made no difference"
+
+
 def test_mamba_mixer_matches_transformers():
     pytest.importorskip("transformers")
     from transformers import MambaConfig

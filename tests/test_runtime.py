@@ -10,7 +10,6 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from samba_edge.export.onnx_export import export_onnx  # noqa: E402
 from samba_edge.runtime import SamplingParams, SambaEdgeError, open_model  # noqa: E402
 from samba_edge.runtime.session import IncrementalDecoder  # noqa: E402
 from samba_edge.tests.test_cli import run  # noqa: E402
@@ -20,13 +19,19 @@ PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    return export_onnx(CK, tmp_path_factory.mktemp("rt") / "tiny", flavor="portable", max_chunk=64)
+def artifact(tiny_export):
+    return tiny_export("portable")
 
 
 @pytest.fixture(scope="module")
 def ort_model(artifact):
     return open_model(str(artifact))
+
+
+@pytest.fixture(scope="module")
+def ring_model(tiny_export):
+    """The plugin flavour on ONNX Runtime: its bodies keep the attention windows as rings, updated in place."""
+    return open_model(str(tiny_export("plugin")))
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +77,14 @@ print(json.dumps(list(s.generate_ids(SamplingParams(max_new_tokens=int(sys.argv[
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
-def test_generate_n_equals_k_then_snapshot_restore_in_new_process(ort_model, artifact, tmp_path, temperature):
+@pytest.mark.parametrize("flavor", ["portable", "plugin"])
+def test_generate_n_equals_k_then_snapshot_restore_in_new_process(ort_model, ring_model, artifact, tmp_path,
+                                                                   temperature, flavor):
+    """A snapshot from either (the plugin's ring windows are stored in the manifest's layout) continues
+    exactly in another process, on the portable artifact and on PyTorch."""
     N, k = 30, 11
     p = dict(temperature=temperature, top_k=20, top_p=0.9)
+    ort_model = ring_model if flavor == "plugin" else ort_model
     full = ort_model.new_stream()
     full.feed_text(PROMPT)
     want = list(full.generate_ids(SamplingParams(max_new_tokens=N, seed=7, **p)))
@@ -82,14 +92,16 @@ def test_generate_n_equals_k_then_snapshot_restore_in_new_process(ort_model, art
     part.feed_text(PROMPT)
     got = list(part.generate_ids(SamplingParams(max_new_tokens=k, seed=7, **p)))
     part.snapshot(tmp_path / "snap.safetensors")
-    for backend, where in (("ort", str(artifact)), ("torch", CK)):           # across processes and backends
+    for backend, where in (("ort", str(artifact)), ("ort", str(ring_model.backend.directory)), ("torch", CK)):
         r = subprocess.run([sys.executable, "-c", RESTORE, where, backend, str(tmp_path / "snap.safetensors"),
                             str(N - k), str(temperature)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         assert got + json.loads(r.stdout) == want, backend
 
 
-def test_batched_step_equals_solo_streams(ort_model):
+@pytest.mark.parametrize("flavor", ["portable", "plugin"])
+def test_batched_step_equals_solo_streams(ort_model, ring_model, flavor):
+    ort_model = ring_model if flavor == "plugin" else ort_model
     prompts = [PROMPT, "import os\n", "class A:\n    pass\n"]
     solo, batch = [], []
     for text in prompts:
@@ -274,13 +286,13 @@ class OpaqueStateBackend:
         self.calls["split"] += 1
         return [_Opaque(x) for x in self.inner.split_state(state._arrays, batch)]
 
-    def state_to_host(self, state):
+    def state_to_host(self, state, position=None):
         self.calls["to_host"] += 1
-        return list(state._arrays)
+        return self.inner.state_to_host(state._arrays, position)
 
-    def state_from_host(self, arrays):
+    def state_from_host(self, arrays, position=None):
         self.calls["from_host"] += 1
-        return _Opaque(list(arrays))
+        return _Opaque(self.inner.state_from_host(arrays, position))
 
     def run(self, ids, pos, state):
         assert isinstance(state, _Opaque)
@@ -308,6 +320,7 @@ def test_streams_use_only_the_state_protocol(ort_model, tmp_path):
     assert be.calls == {"stack": 1, "split": 1, "to_host": 1, "from_host": 1}
 
 
+@pytest.mark.slow                      # a cold export (~15 s)
 def test_first_export_says_what_it_does_on_a_terminal(tmp_path, monkeypatch, capsys):
     """`generate builtin:... --backend ort` exports once (~30 s on 2 cores): on a terminal it says so first."""
     import sys
@@ -323,11 +336,12 @@ def test_first_export_says_what_it_does_on_a_terminal(tmp_path, monkeypatch, cap
     assert cached_export(CK) == out and capsys.readouterr().err == ""           # cached: silent
 
 
-def test_auto_runs_a_checkpoint_with_onnx_runtime_when_installed(monkeypatch):
+def test_auto_runs_a_checkpoint_with_onnx_runtime_when_installed(monkeypatch, warm_cache):
     """The fast path is the default: auto takes the cached ONNX export of a checkpoint where onnxruntime
     is installed (PyTorch eager only when asked, or without onnxruntime)."""
     import importlib.util
 
+    monkeypatch.setenv("SAMBA_EDGE_CACHE", str(warm_cache))
     assert open_model(CK).backend.name == "ort"
     assert open_model(CK, "torch").backend.name == "torch"
     real = importlib.util.find_spec

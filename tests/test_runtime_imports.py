@@ -15,15 +15,13 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from samba_edge.export.onnx_export import export_onnx  # noqa: E402
 
 CK = "builtin:samba-tiny-py"
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imports")
-    return {flavor: export_onnx(CK, root / flavor, flavor=flavor, max_chunk=16) for flavor in ("portable", "plugin")}
+def artifacts(tiny_export):
+    return {flavor: tiny_export(flavor) for flavor in ("portable", "plugin")}
 
 
 def _fresh(code: str) -> dict:
@@ -79,18 +77,58 @@ print(json.dumps(report))
     assert rep["core_shared"] and rep["full_api"] and rep["same_library"] and rep["same_logits"], rep
 
 
-def test_plugin_flavour_without_onnxruntime_extensions_says_what_to_install(artifacts):
+def test_plugin_flavour_runs_without_onnxruntime_extensions_its_references_say_what_to_install(artifacts):
+    """The runtime runs a plugin graph through the ops' standard-op bodies (no onnxruntime-extensions);
+    only the numpy-reference path (validate, ops="reference") needs the package, and says so."""
     code = f"""
 import importlib.util, json
 real = importlib.util.find_spec
 importlib.util.find_spec = lambda name, *a: None if name == "onnxruntime_extensions" else real(name, *a)
 from samba_edge.runtime import open_model
+from samba_edge.runtime.backends import OrtBackend
+rep = {{"logits": len(open_model({str(artifacts["plugin"])!r}).new_stream().feed([1, 2, 3]))}}
 try:
-    open_model({str(artifacts["plugin"])!r})
-    print(json.dumps({{"error": None}}))
+    OrtBackend({str(artifacts["plugin"])!r}, ops="reference")
+    rep["error"] = None
 except Exception as e:
-    print(json.dumps({{"error": type(e).__name__ + ": " + str(e)}}))
+    rep["error"] = type(e).__name__ + ": " + str(e)
+print(json.dumps(rep))
 """
     rep = _fresh(code)
+    assert rep["logits"] > 0
     assert rep["error"] and rep["error"].startswith("SambaEdgeError") and "pip install onnxruntime-extensions" in \
         rep["error"], rep
+
+
+def test_cached_builtin_generate_imports_no_torch(warm_cache):
+    """`generate builtin:NAME` on a cache hit (the README's main command from its second run on) runs the
+    cached export with ONNX Runtime: resolving the checkpoint and keying the cache import no PyTorch (which
+    alone cost ~1.4 s of start-up and ~0.5 s of teardown)."""
+    pytest.importorskip("torch")
+    env = f"import json, os, sys; os.environ['SAMBA_EDGE_CACHE'] = {str(warm_cache)!r}\n"
+    rep = _fresh(env + f"""
+from samba_edge.tools.cli import main
+main(["generate", {CK!r}, "-p", "def f(", "-n", "4"])
+print()
+print(json.dumps({{"torch": "torch" in sys.modules}}))
+""")
+    assert rep == {"torch": False}
+
+
+@pytest.mark.parametrize("backend", ["torch", "ort"])
+def test_console_script_flushes_and_keeps_exit_codes(backend):
+    """The console script leaves at once after a torch command (no interpreter teardown): its output is
+    flushed, and an error keeps its one line and exit status 2."""
+    import shutil
+
+    exe = shutil.which("samba-edge")
+    if exe is None:
+        pytest.skip("the samba-edge console script is not on PATH (pip install -e .)")
+    if backend == "torch":
+        pytest.importorskip("torch")
+    r = subprocess.run([exe, "generate", CK, "--backend", backend, "-p", "def f(", "-n", "6"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("def f(") and len(r.stdout) > len("def f("), r.stderr
+    bad = subprocess.run([exe, "generate", CK, "--backend", backend, "-p", "x", "--top-p", "0"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "top-p" in bad.stderr

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow      # ~1 min of interpreter runs (`pytest -m slow`; CI runs it)
+
 W = 8                                            # window of the attention cases: chunks 1, 3, 7, W-1, W, W+1
 CHUNKS = [1, 3, 7, W - 1, W, W + 1]
 TOL = 2e-5                                       # on max|kernel - ref| / max(1, max|ref|)

@@ -162,6 +162,27 @@ def test_portable_engine_builds_on_cpu(exports, tmp_path):
     assert meta["plugins"] == []
 
 
+@pytest.mark.slow
+def test_bf16_rope_tables_build(tmp_path):
+    """Official-style models round their rotary tables through bfloat16 (two Casts per table): TensorRT
+    parses and builds them (the shipped model's fp32 tables have no such Casts)."""
+    import onnx
+
+    from samba_edge.export.checkpoint import save_canonical
+    from samba_edge.export.onnx_export import export_onnx
+    from samba_edge.tests.helpers import tiny_model
+
+    m = tiny_model("tiny_gqa2_w8")
+    assert m.config.rope_table_dtype == "bf16"
+    art = export_onnx(str(save_canonical(tmp_path / "ck", m.config, m.state_dict())), tmp_path / "art",
+                      flavor="portable", max_chunk=MAX_CHUNK)
+    g = onnx.load(str(art / "model.onnx")).graph
+    assert any(n.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.BFLOAT16 for a in n.attribute)
+               for n in g.node)
+    meta = _meta(build_engine(art, tmp_path / "eng", max_batch=1, max_chunk=MAX_CHUNK, progress=False))
+    _check_io(meta, Manifest.load(art))
+
+
 def test_build_errors(exports, tmp_path, plugin_build):
     with pytest.raises(SambaEdgeError, match="manifest.json"):
         build_engine(tmp_path / "nothing", tmp_path / "e")
@@ -303,6 +324,7 @@ def test_rtx_soname_fix_in_cache_dir():
     assert links and all(os.path.realpath(x).endswith("libtensorrt_rtx.so.1") for x in links)
 
 
+@pytest.mark.slow                       # two exports, a calibration and two engine builds (~40 s)
 def test_fp16_and_int8_artifacts_build(tmp_path):
     """Strongly typed: TensorRT keeps the graph's types, so the parsed network must show fp16 GEMMs with
     fp32 norm statistics and scan (fp16), and int8 Q/DQ pairs around the GEMMs (int8)."""
@@ -339,7 +361,7 @@ def test_fp16_and_int8_artifacts_build(tmp_path):
     _check_profiles(meta, Manifest.load(tmp_path / "int8"), 2)
     assert meta["artifact"]["dtype"] == "int8"
     assert meta["network"]["output_dtypes"]["QUANTIZE"] == {"INT8": n_q} and n_q >= 20
-    assert meta["network"]["layers"]["DEQUANTIZE"] == n_q + 24          # activations + the 24 weights
+    assert meta["network"]["layers"]["DEQUANTIZE"] == n_q + 25          # activations + 24 GEMM weights + the head
 
 
 # ---- the engine directory and the trt backend's checks (everything before CUDA) ---------------

@@ -265,7 +265,8 @@ def expected_launches(plugin, pin, pout, b, T):
 def artifact(tmp_path_factory):
     from samba_edge.export.onnx_export import export_onnx
 
-    return export_onnx(CK, tmp_path_factory.mktemp("enqueue") / "plugin", flavor="plugin", max_chunk=MAX_CHUNK)
+    return export_onnx(CK, tmp_path_factory.mktemp("enqueue") / "plugin", flavor="plugin", max_chunk=MAX_CHUNK,
+                       kernel_archs="75,90")                  # sm_90: the simulated device
 
 
 @pytest.fixture(scope="module")
@@ -462,9 +463,10 @@ def _via_enqueue(plugins, mem, errors: list):
 def ort_model(artifact):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxruntime_extensions")
-    from samba_edge.runtime import open_model
+    from samba_edge.runtime.backends import OrtBackend
+    from samba_edge.runtime.session import Model
 
-    model = open_model(str(artifact))
+    model = Model(OrtBackend(artifact, ops="reference"))     # the samba.* nodes through REFERENCES (swappable)
     assert model.backend.name == "ort" and model.manifest.flavor == "plugin"
     return model, _greedy(model)                            # the plain plugin-flavour run: numpy references
 

@@ -8,10 +8,10 @@ import pytest
 pytest.importorskip("polygraphy")
 pytest.importorskip("onnxruntime_extensions")
 
-from samba_edge.export.onnx_export import export_onnx  # noqa: E402
 from samba_edge.plugins import reference  # noqa: E402
 from samba_edge.runtime.errors import SambaEdgeError  # noqa: E402
 from samba_edge.tests.test_cli import run  # noqa: E402
+from samba_edge.runtime.integrity import record  # noqa: E402
 from samba_edge.tools.validate import validate  # noqa: E402
 
 CK = "builtin:samba-tiny-py"
@@ -19,9 +19,8 @@ FAST = dict(steps=6, chunks=(1, 7, 64), batch=1)          # 144 tokens: the 64-k
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("val")
-    return {fl: export_onnx(CK, root / fl, flavor=fl, max_chunk=64) for fl in ("plugin", "portable")}
+def artifacts(tiny_export):
+    return {fl: tiny_export(fl) for fl in ("plugin", "portable")}
 
 
 def corrupted(src, dst, edit):
@@ -29,6 +28,7 @@ def corrupted(src, dst, edit):
     m = onnx.load(str(dst / "model.onnx"))
     edit(m)
     onnx.save(m, str(dst / "model.onnx"))
+    record(dst)                        # a faulty exporter: a wrong graph under a consistent manifest
     return dst
 
 
@@ -95,10 +95,11 @@ def test_plugin_reference_without_d_skip_is_caught(artifacts, monkeypatch):
 def test_a_raising_reference_is_an_error_not_an_abort(artifacts, monkeypatch):
     """onnxruntime-extensions would terminate the process on an exception in a Python op: the runtime
     turns it into a SambaEdgeError after the run, and the next run works."""
-    from samba_edge.runtime import open_model
+    from samba_edge.runtime.backends import OrtBackend
     from samba_edge.runtime.errors import SambaEdgeError
+    from samba_edge.runtime.session import Model
 
-    model = open_model(str(artifacts["plugin"]))
+    model = Model(OrtBackend(artifacts["plugin"], ops="reference"))
     good = reference.REFERENCES["SelectiveScan"]
 
     def broken(*a, **k):

@@ -121,14 +121,35 @@ def _measure_stream(spec: dict) -> dict:
         s.feed(ids[p:p + chunk])
     prefill_s = time.perf_counter() - t0
     assert s.position == ctx
+    graph, run = [], model.run                 # the time inside the backend's call, per decode token
+
+    def timed(*a):
+        t = time.perf_counter()
+        try:
+            return run(*a)
+        finally:
+            graph.append(time.perf_counter() - t)
+
+    model.run = timed
     lat = []
-    for t in rng.integers(0, V, n):
-        t0 = time.perf_counter()
-        s.feed([int(t)])
-        lat.append(time.perf_counter() - t0)
-    assert s.position == ctx + n
+    if spec.get("sample"):                     # the user's path: choose each token from the logits, then feed it
+        from samba_edge.runtime.sampling import SamplingParams
+
+        params = SamplingParams(temperature=0.8, top_p=0.95, repetition_penalty=1.1, max_new_tokens=n, seed=0)
+        it, t0 = s.generate_ids(params), time.perf_counter()
+        for _ in it:
+            lat.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+    else:
+        for t in rng.integers(0, V, n):
+            t0 = time.perf_counter()
+            s.feed([int(t)])
+            lat.append(time.perf_counter() - t0)
+    graph = graph[-len(lat):]
+    assert s.position == ctx + len(lat)
     out = {"backend": model.backend.name, "load_s": load_s, "prefill_s": prefill_s, "prefill_tok_s": ctx / prefill_s,
-           **_latency_stats(lat), "state_bytes": model.manifest.state_bytes(1),
+           **_latency_stats(lat), "graph_ms_mean": 1e3 * sum(graph) / len(graph),
+           "outside_graph_ms_mean": 1e3 * (sum(lat) - sum(graph)) / len(lat), "state_bytes": model.manifest.state_bytes(1),
            "fingerprint": model.manifest.fingerprint, "rss_after_load_mib": (rss_load or 0) / MIB}
     if spec["system"] == "torch":
         import torch
@@ -341,9 +362,11 @@ def check_outputs(json_out: Optional[str], plot: Optional[str]) -> None:
         except ImportError:
             raise SambaEdgeError("--plot needs matplotlib, which is not installed: pip install matplotlib "
                                  "(or run without --plot)") from None
+    from samba_edge.runtime.userio import check_output_file
+
     for opt, path in (("--json", json_out), ("--plot", plot)):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise SambaEdgeError(f"cannot write {opt} {path}: {Path(path).resolve().parent} is not a directory")
+        if path:
+            check_output_file(path, opt)
 
 
 def write_plot(result: dict, path: str) -> Optional[str]:

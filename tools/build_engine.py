@@ -132,7 +132,7 @@ def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[in
     that runs the engine (samba-edge's runtime); aot = tensorrt.plugin aot_impl (TensorRT >= 10.9),
     kernels embedded in the engine, which then runs in trtexec / C++ without Python; auto = aot where
     available."""
-    from samba_edge.export.checkpoint import atomic_dir, check_output
+    from samba_edge.runtime.atomic import atomic_dir, check_output
     from samba_edge.plugins.trt_import import import_trt
 
     export_dir, out = Path(export_dir), Path(out)

@@ -99,13 +99,16 @@ def eval_cmd(checkpoint: str, text: Optional[str], token_ids: Optional[str], con
 @click.option("--tokenizer", help="tokenizer to ship (default: the checkpoint's)")
 @click.option("--dtype", default="fp32", show_default=True,
               help="fp32 | fp16 (GEMMs/weights; scan, state, norms, softmax stay fp32). INT8: `calibrate`")
+@click.option("--kernel-archs", help="plugin flavour: GPU archs to compile kernels for, e.g. 87 (Orin) or 75,90 "
+              "(default: all, or $SAMBA_EDGE_KERNEL_ARCHS; 75 carries the PTX newer GPUs JIT-compile)")
 @click.option("--force", is_flag=True, help="replace an existing output directory")
 def export(checkpoint: str, out: str, flavor: str, config: Optional[str], max_chunk: int, opset: int, logits: str,
-           tokenizer: Optional[str], dtype: str, force: bool) -> None:
+           tokenizer: Optional[str], dtype: str, kernel_archs: Optional[str], force: bool) -> None:
     """Checkpoint -> model.onnx + manifest.json + tokenizer (one step graph, state as graph I/O)."""
     from samba_edge.export.onnx_export import export_onnx
 
-    path = export_onnx(checkpoint, out, flavor, config, max_chunk, opset, logits, force, tokenizer, dtype)
+    path = export_onnx(checkpoint, out, flavor, config, max_chunk, opset, logits, force, tokenizer, dtype,
+                       kernel_archs)
     click.echo(f"wrote {path} ({flavor} flavour, {dtype})")
 
 
@@ -278,7 +281,9 @@ def build(export_dir: str, engine_dir: str, max_chunk: Optional[int], max_batch:
 @click.option("--method", default="percentile", show_default=True,
               help="activation range: max | entropy | percentile (docs/precision.md compares them)")
 @click.option("--percentile", default=99.99, show_default=True, help="for --method percentile")
-@click.option("--quantize-head", is_flag=True, help="also quantise the (tied) output head (default: fp32)")
+@click.option("--quantize-head/--fp32-head", default=True, show_default=True,
+              help="quantise the output head too (a tied head gets its own int8 copy; the embedding stays fp32): "
+                   "q8_0's bytes per token, +0.06% perplexity (docs/precision.md); --fp32-head keeps it fp32")
 @click.option("--exclude", multiple=True, help="keep GEMMs whose label matches this glob in fp32 (repeatable; "
               "labels look like h.0.attn.in_proj, h.0.attn.dt_proj, h.1.attn.qkv, h.1.attn.proj, h.2.mlp.w3)")
 @click.option("--force", is_flag=True, help="replace an existing output directory")
@@ -302,6 +307,35 @@ def doctor(artifact: Optional[str], as_json: bool) -> None:
 
     report = run_doctor(artifact)
     click.echo(json.dumps(report, indent=2) if as_json else render_text(report))
+
+
+def _finish(code: int = 0) -> None:
+    """The console script's exit. PyTorch's interpreter teardown takes 0.5-1 s after the last token has
+    been printed; a finished command has closed its files and progress bars, so when torch was loaded we
+    flush and leave at once."""
+    if "torch" not in sys.modules:
+        sys.exit(code)
+    import logging
+
+    logging.shutdown()
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):           # a closed pipe (`| head`): nothing left to say
+            pass
+    os._exit(code)
+
+
+def entry() -> None:
+    """`samba-edge` (the console script): main() with clean-up on SIGTERM and the fast exit."""
+    from samba_edge.runtime.atomic import exit_cleanly_on_sigterm
+
+    exit_cleanly_on_sigterm()
+    try:
+        main()
+    except SystemExit as e:
+        _finish(e.code if isinstance(e.code, int) else 0 if e.code is None else 1)
+    _finish(0)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -331,4 +365,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -26,9 +26,10 @@ def check_tokenizer_file(tokenizer: str) -> Path:
 
 def convert_checkpoint(checkpoint: str, out: str, config: Optional[str] = None, tokenizer: Optional[str] = None,
                        force: bool = False) -> Path:
-    """Tensors are written as they are (same dtype, same bits); the tied head is stored once; a tokenizer is
+    """Tensors are written as they are (same dtype, same bits); a tied head is stored once; a tokenizer is
     stored as tokenizer.json / tokenizer.model, the names `generate`, `eval` and `export` look for."""
-    from samba_edge.export.checkpoint import check_output, load_checkpoint, save_canonical
+    from samba_edge.export.checkpoint import load_checkpoint, save_canonical
+    from samba_edge.runtime.atomic import check_output
     from samba_edge.runtime.tokenizer import find_tokenizer
 
     check_output(Path(out), force)

@@ -6,7 +6,6 @@ deployment runs the model, so eval also checks the chunked path on real text.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -81,28 +80,6 @@ def score_documents(backend, tokenizer, docs: Sequence[str], chunk: Optional[int
     return res
 
 
-def check_token_ids(ids: np.ndarray, vocab: int, source: str) -> np.ndarray:
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise SambaEdgeError(f"{source}: expected a 1-D integer array of token ids, got {ids.dtype} {ids.shape}")
-    if ids.size < 2:
-        raise SambaEdgeError(f"{source}: need at least 2 token ids to score a next-token prediction")
-    bad = ids[(ids < 0) | (ids >= vocab)]
-    if bad.size:
-        raise SambaEdgeError(f"{source}: token id {int(bad[0])} is outside the vocabulary [0, {vocab}); "
-                             "were these ids made with another tokenizer?")
-    return ids.astype(np.int64)
-
-
-def load_token_ids(path: str | Path, vocab: int) -> np.ndarray:
-    try:
-        ids = np.load(path, allow_pickle=False)                               # never unpickle
-    except FileNotFoundError:
-        raise SambaEdgeError(f"token-id file {path} not found") from None
-    except (ValueError, OSError, EOFError) as e:
-        raise SambaEdgeError(f"{path} is not a readable .npy array of token ids ({e})") from None
-    return check_token_ids(ids, vocab, str(path))
-
-
 def evaluate(checkpoint: str, text: Optional[str] = None, token_ids: Optional[str] = None,
              config: Optional[str] = None, chunk: Optional[int] = None, tokenizer: Optional[str] = None,
              backend: str = "auto", agree_with: Optional[str] = None, max_tokens: Optional[int] = None) -> dict:
@@ -111,6 +88,7 @@ def evaluate(checkpoint: str, text: Optional[str] = None, token_ids: Optional[st
     of a quantised one) adds `top1_agreement`: how often both predict the same next token.
     `max_tokens` scores only the first N tokens of the text."""
     from samba_edge.runtime.tokenizer import load_tokenizer
+    from samba_edge.runtime.userio import load_token_ids, read_text_file
 
     if (text is None) == (token_ids is None):
         raise SambaEdgeError("give exactly one of --text FILE or --token-ids FILE.npy")
@@ -119,12 +97,7 @@ def evaluate(checkpoint: str, text: Optional[str] = None, token_ids: Optional[st
     if chunk is not None and chunk < 1:
         raise SambaEdgeError(f"--chunk must be a positive number of tokens, got {chunk}")
     if text is not None:
-        try:
-            body = Path(text).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise SambaEdgeError(f"text file {text} not found") from None
-        except UnicodeDecodeError:
-            raise SambaEdgeError(f"text file {text} is not UTF-8 text") from None
+        body = read_text_file(text, "text file")
         if not body:
             raise SambaEdgeError(f"text file {text} is empty; nothing to evaluate")
     from samba_edge.runtime import open_model
@@ -137,6 +110,8 @@ def evaluate(checkpoint: str, text: Optional[str] = None, token_ids: Optional[st
     chunk = _chunk_for(model.backend, chunk)
     if token_ids is not None:
         docs, n_bytes = [load_token_ids(token_ids, model.backend.manifest.vocab_size)], None
+        if docs[0].size < 2:
+            raise SambaEdgeError(f"{token_ids}: need at least 2 token ids to score a next-token prediction")
     else:
         tok = model.tokenizer or load_tokenizer(model.backend.directory, tokenizer)   # explains what is missing
         docs, n_bytes = document_ids(tok, [body])

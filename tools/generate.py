@@ -4,10 +4,10 @@ from __future__ import annotations
 import string
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from samba_edge.runtime import SamplingParams, SambaEdgeError, open_model
+from samba_edge.runtime.userio import check_output_file, check_text, read_text_file
 
 
 # The escapes `--stop` understands (a shell passes "\n\n" as backslash-n twice): exactly these, nothing else.
@@ -64,13 +64,8 @@ def read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> Optional[s
     if prompt is not None and prompt_file is not None:
         raise SambaEdgeError("give --prompt or --prompt-file, not both")
     if prompt_file is None:
-        return prompt
-    try:
-        return Path(prompt_file).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SambaEdgeError(f"prompt file {prompt_file} not found") from None
-    except UnicodeDecodeError:
-        raise SambaEdgeError(f"prompt file {prompt_file} is not UTF-8 text") from None
+        return prompt                                       # checked by generate(), for API callers too
+    return read_text_file(prompt_file, "prompt file")
 
 
 def generate(artifact: str, prompt: Optional[str], params: SamplingParams, backend: str = "auto",
@@ -80,6 +75,10 @@ def generate(artifact: str, prompt: Optional[str], params: SamplingParams, backe
     nothing is written for bad input, and --state-out is only replaced by a complete snapshot."""
     if not prompt and state_in is None:
         raise SambaEdgeError("the prompt is empty; give --prompt TEXT, --prompt-file F or --state-in F")
+    if prompt:
+        check_text(prompt, "the prompt")
+    if state_out:
+        check_output_file(state_out, "--state-out")
     model = open_model(artifact, backend, tokenizer=tokenizer)
     if model.tokenizer is None:                             # generate reads and writes text: it needs one
         raise SambaEdgeError(no_tokenizer_message(artifact, model.backend.name))
@@ -103,11 +102,25 @@ def generate(artifact: str, prompt: Optional[str], params: SamplingParams, backe
             "backend": model.backend.name}
 
 
+def _lines(lines: Optional[Sequence[str]]):
+    """The given lines, or stdin's with invalid UTF-8 kept as surrogate escapes (refused per line, by
+    number, instead of a decode error from deep inside the loop)."""
+    if lines is not None:
+        yield from lines
+        return
+    stdin = sys.stdin
+    if hasattr(stdin, "reconfigure"):
+        stdin.reconfigure(errors="surrogateescape")
+    yield from stdin
+
+
 def chat(artifact: str, params: SamplingParams, backend: str = "auto", state_in: Optional[str] = None,
          state_out: Optional[str] = None, lines: Optional[Sequence[str]] = None,
          write: Callable[[str], None] = sys.stdout.write, interactive: Optional[bool] = None) -> int:
     """One stream kept alive across turns: each input line is fed, then a reply streams back. On a terminal
     (or interactive=True) a banner and a `> ` prompt go to stderr, so stdout holds only the replies."""
+    if state_out:
+        check_output_file(state_out, "--state-out")
     model = open_model(artifact, backend)
     if model.tokenizer is None:
         raise SambaEdgeError(no_tokenizer_message(artifact, model.backend.name, option=False))
@@ -124,7 +137,8 @@ def chat(artifact: str, params: SamplingParams, backend: str = "auto", state_in:
               f"turn, Ctrl-D to end{'; snapshot after each turn: ' + state_out if state_out else ''}", file=sys.stderr)
     turns = 0
     prompt()
-    for line in (lines if lines is not None else sys.stdin):
+    for n, line in enumerate(_lines(lines), 1):
+        check_text(line, f"chat input line {n}")
         if not line.strip():
             prompt()
             continue

@@ -24,7 +24,7 @@ def inspect_model(checkpoint: Optional[str] = None, config: Optional[str] = None
 
         ckpt = load_checkpoint(checkpoint, config)
         cfg = ckpt.config
-        tensors = {k: v for k, v in ckpt.state_dict.items() if k != "lm_head.weight"}
+        tensors = {k: v for k, v in ckpt.state_dict.items() if k != "lm_head.weight" or not cfg.tied}
         info["checkpoint"] = checkpoint
         info["checkpoint_parameters"] = sum(v.numel() for v in tensors.values())
         info["checkpoint_dtypes"] = sorted({str(v.dtype).replace("torch.", "") for v in tensors.values()})
@@ -51,7 +51,8 @@ def render_text(info: dict) -> str:
              f"(padded {c['padded_vocab_size']}), window {c['local_window']}, "
              f"heads {c['n_head']} / kv groups {c['n_query_groups']} x {c['head_size']}, "
              f"mlp {c['intermediate_size']}, {'NoPE' if c['nope'] else 'RoPE base ' + str(c['rope_base'])}",
-             f"parameters: {info['parameters']:,} (head tied to the embedding)"]
+             f"parameters: {info['parameters']:,} "
+             f"({'head tied to the embedding' if c.get('mamba_init', True) else 'untied head: its own weight'})"]
     if "checkpoint" in info:
         lines.append(f"checkpoint {info['checkpoint']}: {info['checkpoint_parameters']:,} parameters, "
                      f"dtypes {', '.join(info['checkpoint_dtypes'])}")

@@ -89,7 +89,8 @@ def _backend_runner(backend, name: str, bisect: bool = False):
 
         def infer_impl(self, feed_dict):
             m = backend.manifest
-            logits, state = backend.run(feed_dict["input_ids"], feed_dict["start_pos"], [feed_dict[s.name] for s in m.state])
+            run = getattr(backend, "run_host", backend.run)        # state in the manifest's layout
+            logits, state = run(feed_dict["input_ids"], feed_dict["start_pos"], [feed_dict[s.name] for s in m.state])
             out = OrderedDict([("logits", logits)] + [(s.output, x) for s, x in zip(m.state, state)])
             out.update((BLOCK_OUT.format(i), self.blocks[i]) for i in sorted(self.blocks))
             return out
@@ -97,7 +98,7 @@ def _backend_runner(backend, name: str, bisect: bool = False):
     return BackendRunner()
 
 
-def _ort_runner(artifact: Path, manifest: Manifest, bisect: bool):
+def _ort_runner(artifact: Path, manifest: Manifest, bisect: bool, ops: str = "reference"):
     import onnx
     import onnxruntime as ort
     from polygraphy.backend.onnxrt import OnnxrtRunner
@@ -106,17 +107,23 @@ def _ort_runner(artifact: Path, manifest: Manifest, bisect: bool):
     if bisect:
         instrument(proto, manifest.model["n_layer"])
 
+    from samba_edge.runtime.backends import ort_disabled_optimizers
+
+    off = ort_disabled_optimizers(manifest)
+
     def session():
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if manifest.flavor == "plugin":
             from samba_edge.plugins.ort_ops import plugin_session
 
-            return plugin_session(proto, so, weights_dir=artifact)
+            return plugin_session(proto, so, weights_dir=artifact, ops=ops, disabled_optimizers=off)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(artifact))
-        return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=off)
 
-    return OnnxrtRunner(session, name=f"ort-{manifest.flavor}")
+    name = f"ort-{manifest.flavor}" + ("-bodies" if manifest.flavor == "plugin" and ops == "bodies" else "")
+    return OnnxrtRunner(session, name=name)
 
 
 def _stats(a: np.ndarray, b: np.ndarray, atol: float, rtol: float, stat: str = "elemwise") -> dict:
@@ -159,6 +166,9 @@ def validate(artifact: str, reference: str = "torch", backends: Sequence[str] = 
     G_LOGGER.module_severity = G_LOGGER.ERROR
     art = Path(artifact)
     man = Manifest.load(art)
+    from samba_edge.runtime.integrity import verify
+
+    verify(art, man, always=True)                # the graph files are the ones written, at any size
     d_atol, d_rtol, d_stat = DEFAULT_TOLERANCES.get(man.dtype, DEFAULT_TOLERANCES["float32"])
     atol, rtol = d_atol if atol is None else atol, d_rtol if rtol is None else rtol
     stat = error_stat or d_stat
@@ -166,8 +176,10 @@ def validate(artifact: str, reference: str = "torch", backends: Sequence[str] = 
         raise SambaEdgeError(f"unknown --check-error-stat {stat!r}; use one of: {', '.join(ERROR_STATS)}")
     if steps < 1 or batch < 1 or not chunks or min(chunks) < 1:
         raise SambaEdgeError("--steps, --batch and every --chunks size must be >= 1")
-    if save and not Path(save).resolve().parent.is_dir():
-        raise SambaEdgeError(f"cannot write --save {save}: {Path(save).resolve().parent} is not a directory")
+    if save:
+        from samba_edge.runtime.userio import check_output_file
+
+        check_output_file(save, "--save")
     if max(chunks) > man.max_chunk:
         raise SambaEdgeError(f"chunk {max(chunks)} exceeds the artifact's max chunk {man.max_chunk}; lower --chunks")
     ref_spec = man.source if reference == "torch" else reference
@@ -179,8 +191,14 @@ def validate(artifact: str, reference: str = "torch", backends: Sequence[str] = 
                              "pass the checkpoint it was exported from, or --allow-mismatch")
     runners = [_backend_runner(ref, "torch", bisect)]
     for b in backends:
-        if b == "ort":
-            runners.append(_ort_runner(art, man, bisect))
+        if b == "ort":       # a plugin graph twice: its ops' numpy references (the contract) and the
+            runners.append(_ort_runner(art, man, bisect))   # standard-op bodies the runtime runs on ORT
+            if man.flavor == "plugin" and bisect:          # (instrumented graph: windows replaced, no ring)
+                runners.append(_ort_runner(art, man, bisect, ops="bodies"))
+            elif man.flavor == "plugin":                    # exactly as the runtime runs it: rings in place
+                from samba_edge.runtime.backends import OrtBackend
+
+                runners.append(_backend_runner(OrtBackend(art, ops="bodies"), "ort-plugin-bodies"))
         elif b == "trt":
             from samba_edge.runtime.engine_dir import check_engine_dir
             from samba_edge.runtime.trt_backend import TrtBackend
