@@ -24,7 +24,19 @@ FORMAT_VERSION = 1
 
 def _int_in(v, lo: int, hi: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
 MANIFEST = "manifest.json"
+
+
+def _state_entry_ok(s) -> bool:
+    return all(isinstance(v, str) for v in (s.name, s.output, s.kind, s.dtype, s.init)) and \
+        _int_in(s.layer, 0, 1 << 20) and isinstance(s.shape, list) and all(_int_in(d, 1, 1 << 40) for d in s.shape)
+
+
+def _tensor_entry_ok(t) -> bool:
+    return isinstance(t.name, str) and isinstance(t.dtype, str) and isinstance(t.shape, list) and \
+        all(isinstance(d, str) or _int_in(d, 0, 1 << 40) for d in t.shape)
 
 
 @dataclass
@@ -136,6 +148,9 @@ class Manifest:
             (self.source is None or isinstance(self.source, str), "source is not a path"),
             (isinstance(self.samba_edge_version, str), "samba_edge_version is not a string"),
             (isinstance(self.window, int) and not isinstance(self.window, bool), "window is not an integer"),
+            (all(_state_entry_ok(x) for x in self.state), "a state entry has a field of the wrong type"),
+            (all(_tensor_entry_ok(t) for t in [*self.inputs, *self.outputs]),
+             "an input/output entry has a field of the wrong type"),
         ]
         bad = next((why for ok, why in checks if not ok), None)
         if bad:

@@ -222,7 +222,41 @@ class Model:
         return self.tokenizer.encode(text)
 
 
-class Stream:
+class TextStream:
+    """Text on top of a stream's token API (feed, generate_ids, position, model.tokenizer): shared by the
+    local Stream and the remote one (runtime/remote.py)."""
+
+    def feed_text(self, text: str) -> np.ndarray:
+        """Text; a fresh stream starts with the tokenizer's document-start token when it has one."""
+        if not text:
+            raise SambaEdgeError("the prompt is empty; give some text")
+        tok = self.model.tokenizer
+        start = None if tok is None else (tok.bos_id if tok.bos_id is not None else tok.eos_id)
+        ids = ([start] if self.position == 0 and start is not None else []) + self.model.encode(text)
+        return self.feed(ids)
+
+    def generate_text(self, prompt: Optional[str], params: SamplingParams) -> Iterator[str]:
+        """Feeds `prompt` (if any), then yields text as it is produced; never a broken UTF-8 sequence;
+        stops at EOS, stop ids, stop strings (excluded) or max_new_tokens."""
+        if self.model.tokenizer is None:
+            raise SambaEdgeError("text generation needs a tokenizer; this model has none")
+        if prompt:
+            self.feed_text(prompt)
+        decoder = IncrementalDecoder(self.model.tokenizer)
+        held, hold = "", max((len(s) for s in params.stop), default=1) - 1
+        for tok in self.generate_ids(params):
+            held += decoder.push(tok)
+            cut = min((held.find(s) for s in params.stop if s in held), default=-1)
+            if cut >= 0:
+                yield held[:cut]
+                return
+            if len(held) > hold:
+                yield held[: len(held) - hold]
+                held = held[len(held) - hold:]
+        yield held + decoder.flush()
+
+
+class Stream(TextStream):
     """One sequence: its recurrent state, absolute position, last logits and sampler state."""
 
     def __init__(self, model: Model, seed: int = 0) -> None:
@@ -255,15 +289,6 @@ class Stream:
                 self._advance(piece, logits[0, -1])
             return self.last_logits
 
-    def feed_text(self, text: str) -> np.ndarray:
-        """Text; a fresh stream starts with the tokenizer's document-start token when it has one."""
-        if not text:
-            raise SambaEdgeError("the prompt is empty; give some text")
-        tok = self.model.tokenizer
-        start = None if tok is None else (tok.bos_id if tok.bos_id is not None else tok.eos_id)
-        ids = ([start] if self.position == 0 and start is not None else []) + self.model.encode(text)
-        return self.feed(ids)
-
     # ---- generation -----------------------------------------------------------------------------
     def generate_ids(self, params: SamplingParams) -> Iterator[int]:
         """Yields new token ids. Each is fed before it is yielded, so the stream's state always covers
@@ -282,26 +307,6 @@ class Stream:
                     return
                 self.feed([tok])
             yield tok
-
-    def generate_text(self, prompt: Optional[str], params: SamplingParams) -> Iterator[str]:
-        """Feeds `prompt` (if any), then yields text as it is produced; never a broken UTF-8 sequence;
-        stops at EOS, stop ids, stop strings (excluded) or max_new_tokens."""
-        if self.model.tokenizer is None:
-            raise SambaEdgeError("text generation needs a tokenizer; this model has none")
-        if prompt:
-            self.feed_text(prompt)
-        decoder = IncrementalDecoder(self.model.tokenizer)
-        held, hold = "", max((len(s) for s in params.stop), default=1) - 1
-        for tok in self.generate_ids(params):
-            held += decoder.push(tok)
-            cut = min((held.find(s) for s in params.stop if s in held), default=-1)
-            if cut >= 0:
-                yield held[:cut]
-                return
-            if len(held) > hold:
-                yield held[: len(held) - hold]
-                held = held[len(held) - hold:]
-        yield held + decoder.flush()
 
     # ---- snapshots --------------------------------------------------------------------------
     def snapshot(self, path: str | Path) -> Path:

@@ -60,16 +60,27 @@ def _dim_values(spec_shape: list, batch: int, seq: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def profile_table(manifest: Manifest, max_chunk: int, max_batch: int) -> list[dict[str, Any]]:
+def graph_inputs(manifest: Manifest, serving: bool = False) -> list:
+    """The (name, shape) of the graph's inputs: the manifest's, or the serving graph's (start_pos replaced by
+    the position state and the sequence batcher's START control; export/serving_graph.py)."""
+    if not serving:
+        return [(t.name, t.shape) for t in manifest.inputs]
+    from samba_edge.export.serving_graph import CONTROL_START, POSITION
+
+    extra = [(POSITION[0], ["batch", 1]), (CONTROL_START, ["batch", 1])]
+    return [(t.name, t.shape) for t in manifest.inputs[:1]] + extra + [(t.name, t.shape) for t in manifest.inputs[2:]]
+
+
+def profile_table(manifest: Manifest, max_chunk: int, max_batch: int, serving: bool = False) -> list[dict[str, Any]]:
     """[{name, inputs: {tensor: {min, opt, max}}}] for the decode and prefill profiles."""
     profiles = []
     for name, (smin, sopt, smax) in (("decode", (1, 1, 1)), ("prefill", (1, max(1, max_chunk // 2), max_chunk))):
         shapes = {}
-        for t in manifest.inputs:
-            if not any(isinstance(d, str) for d in t.shape):
+        for t_name, t_shape in graph_inputs(manifest, serving):
+            if not any(isinstance(d, str) for d in t_shape):
                 continue
-            shapes[t.name] = {"min": list(_dim_values(t.shape, 1, smin)), "opt": list(_dim_values(t.shape, 1, sopt)),
-                              "max": list(_dim_values(t.shape, max_batch, smax))}
+            shapes[t_name] = {"min": list(_dim_values(t_shape, 1, smin)), "opt": list(_dim_values(t_shape, 1, sopt)),
+                              "max": list(_dim_values(t_shape, max_batch, smax))}
         profiles.append({"name": name, "inputs": shapes})
     return profiles
 
@@ -125,13 +136,15 @@ def _one_line(text: str, limit: int = 400) -> str:
 def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[int] = None, max_batch: int = 1,
                  workspace: str | int | None = None, opt_level: Optional[int] = None,
                  timing_cache: Optional[str] = None, target: str = "x86", force: bool = False,
-                 progress: bool = True, verbose: bool = False, plugin_route: str = "auto") -> Path:
+                 progress: bool = True, verbose: bool = False, plugin_route: str = "auto",
+                 serving: Optional[str] = None) -> Path:
     """Public entry of `samba-edge build`. Returns the engine directory.
 
     plugin_route (plugin flavour): python = the IPluginV3 plugins, whose enqueue runs in the process
     that runs the engine (samba-edge's runtime); aot = tensorrt.plugin aot_impl (TensorRT >= 10.9),
     kernels embedded in the engine, which then runs in trtexec / C++ without Python; auto = aot where
-    available."""
+    available. serving ("server" | "client"): build the serving graph (export/serving_graph.py) instead of
+    the step graph, for Triton's tensorrt backend."""
     from samba_edge.runtime.atomic import atomic_dir, check_output
     from samba_edge.plugins.trt_import import import_trt
 
@@ -169,6 +182,16 @@ def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[in
 
         timing_cache = str(cache_dir() / "timing" / f"{target}-{info.flavor}-{info.version}.cache")
     route, sm = _register_plugins(plugin_route) if manifest.flavor == "plugin" else (None, None)
+    if serving and route == "python":
+        raise SambaEdgeError("Triton's tensorrt backend is a C++ server: it cannot load python-route plugins (their "
+                             "enqueue is Python). It loads aot_impl engines, which carry their kernels (TensorRT >= "
+                             "10.9 with tensorrt.plugin, on the serving GPU); or serve the engine with "
+                             "`samba-edge triton ENGINE --backend python`, or export --flavor portable")
+    graph = None
+    if serving:
+        from samba_edge.export.serving_graph import serving_graph
+
+        graph = serving_graph(export_dir, serving, bodies=False)
     log = _Logger(trt, verbose)
     builder = trt.Builder(log.logger)
     flags = 0
@@ -185,8 +208,10 @@ def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[in
         print(f"parsing {onnx_path} ({info.flavor} {info.version})", file=sys.stderr, flush=True)
     kernels_key = None
     if route is not None:                 # the plugin nodes as the parser must see them (plugins/trt_parser.py)
-        graph, kernels_key = _plugin_graph(trt, info, export_dir, onnx_path, route, sm)
+        graph, kernels_key = _plugin_graph(trt, info, export_dir, onnx_path, route, sm, graph)
         ok = parser.parse(graph, str(onnx_path))      # the path: external weights are read beside the file
+    elif graph is not None:
+        ok = parser.parse(graph.SerializeToString(), str(onnx_path))
     else:                                 # parse_from_file resolves external data (model.onnx.data) next to the file
         ok = parser.parse_from_file(str(onnx_path))
     if not ok:
@@ -195,7 +220,7 @@ def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[in
     t_parse = time.monotonic() - t0
 
     net_inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
-    missing = [t.name for t in manifest.inputs if t.name not in net_inputs]
+    missing = [name for name, _ in graph_inputs(manifest, bool(serving)) if name not in net_inputs]
     if missing:
         raise SambaEdgeError(f"model.onnx lacks manifest input(s) {', '.join(missing)}; re-export the artifact")
 
@@ -217,7 +242,7 @@ def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[in
         cache = config.create_timing_cache(data)
         config.set_timing_cache(cache, ignore_mismatch=False)
 
-    profiles = profile_table(manifest, max_chunk, max_batch)
+    profiles = profile_table(manifest, max_chunk, max_batch, bool(serving))
     for p in profiles:
         prof = builder.create_optimization_profile()
         for name, s in p["inputs"].items():
@@ -250,6 +275,7 @@ def build_engine(export_dir: str | Path, out: str | Path, max_chunk: Optional[in
         "target": target,
         "gpu": _build_gpu(info),
         "plugin_route": route,
+        "graph": f"serving ({serving} sampling)" if serving else "step",
         "kernels": kernels_key,                   # trt_launch.KernelSet.key the plugins serialized
         "artifact": {"path": str(export_dir.resolve()), "fingerprint": manifest.fingerprint,
                      "flavor": manifest.flavor, "dtype": manifest.dtype, "max_chunk": manifest.max_chunk},
@@ -307,7 +333,8 @@ def _register_plugins(plugin_route: str) -> tuple[str, Optional[str]]:
     return "python", None
 
 
-def _plugin_graph(trt, info, export_dir: Path, onnx_path: Path, route: str, sm: Optional[str]) -> tuple[bytes, str]:
+def _plugin_graph(trt, info, export_dir: Path, onnx_path: Path, route: str, sm: Optional[str],
+                  proto=None) -> tuple[bytes, str]:
     """model.onnx with the plugin nodes marked for this build (namespace, the kernels they launch, aot) and
     checked against the parser's lookup rules of TensorRT 10.3 and of this TensorRT; weights stay external."""
     import onnx
@@ -321,7 +348,8 @@ def _plugin_graph(trt, info, export_dir: Path, onnx_path: Path, route: str, sm: 
 
         for op in ("SelectiveScan", "SlidingWindowAttention"):
             aot_kernel(kernels.key, op, sm)
-    proto = onnx.load(str(onnx_path), load_external_data=False)
+    if proto is None:
+        proto = onnx.load(str(onnx_path), load_external_data=False)
     mark_plugin_nodes(proto, kernels=kernels.key, aot=route == "aot_impl")
     registry = trt.get_plugin_registry()
     check_lookup(proto, lambda name, version, ns: registry.get_creator(name, version, ns) is not None, info.version)

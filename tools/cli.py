@@ -149,15 +149,18 @@ def sampling_options(f):
 @click.option("-p", "--prompt", help="prompt text")
 @click.option("--prompt-file", help="read the prompt from a UTF-8 file")
 @click.option("--tokenizer", help="tokenizer file or directory (default: the artifact's)")
+@click.option("--server", help="HOST:PORT of a Triton server's gRPC endpoint (`samba-edge serve`): generate there; "
+              "ARTIFACT (or --tokenizer) then only supplies the tokenizer")
+@click.option("--model", "model_name", default="samba", show_default=True, help="the served model's name (--server)")
 @sampling_options
-def generate(artifact, prompt, prompt_file, tokenizer, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-             seed, stop, stop_id, backend, state_in, state_out) -> None:
+def generate(artifact, prompt, prompt_file, tokenizer, server, model_name, max_new_tokens, temperature, top_k, top_p,
+             repetition_penalty, seed, stop, stop_id, backend, state_in, state_out) -> None:
     """Stream a continuation of a prompt (ARTIFACT: export dir, checkpoint or builtin:NAME)."""
     from samba_edge.tools.generate import generate as run, read_prompt
 
     params = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, stop_id)
     stats = run(artifact, read_prompt(prompt, prompt_file), params, backend, state_in, state_out, tokenizer,
-                write=lambda piece: click.echo(piece, nl=False))
+                write=lambda piece: click.echo(piece, nl=False), server=server, model_name=model_name)
     click.echo()
     click.echo(f"[{stats['new_tokens']} tokens, {stats['decode_tok_s']:.1f} tok/s decode, "
                f"prefill {stats['prefill_s'] * 1e3:.0f} ms, backend {stats['backend']}, position {stats['position']}]",
@@ -296,6 +299,45 @@ def calibrate(export_dir: str, out: str, texts: tuple, token_ids: Optional[str],
               include_head=quantize_head, exclude=exclude, force=force)
     click.echo(f"wrote {out} (int8: {len(rec['quantized'])} GEMMs, {len(rec['kept_fp32'])} kept fp32; "
                f"{method} calibration on {rec['tokens']} tokens)")
+
+
+@cli.command()
+@click.argument("source")
+@click.option("-o", "--out", required=True, help="the model repository (created if missing; other models are kept)")
+@click.option("--name", default="samba", show_default=True, help="the model's name in the repository")
+@click.option("--backend", "triton_backend", default="python", show_default=True,
+              help="python (the samba-edge runtime in Triton's python backend: ORT either flavour, or an engine "
+                   "with any plugin route) | onnxruntime | tensorrt (the serving graph, implicit state)")
+@click.option("--max-batch", default=8, show_default=True, help="sequences per batch")
+@click.option("--instances", default=1, show_default=True, help="model instances")
+@click.option("--idle-seconds", default=60.0, show_default=True, help="a sequence without requests for this long "
+              "is dropped")
+@click.option("--sampling", default="server", show_default=True,
+              help="server (every answer carries the next token; python: the request's settings, the graphs: "
+                   "greedy) | client (logits only)")
+@click.option("--threads", type=int, help="python backend: ONNX Runtime threads per instance")
+@click.option("--force", is_flag=True, help="replace the model if the repository has it")
+def triton(source, out, name, triton_backend, max_batch, instances, idle_seconds, sampling, threads, force) -> None:
+    """Artifact or engine -> a Triton Inference Server model repository (sequence batcher, state per sequence)."""
+    from samba_edge.tools.triton_repo import write_repository
+
+    path = write_repository(source, out, name, triton_backend, max_batch, instances, idle_seconds, sampling,
+                            threads, force)
+    click.echo(f"wrote {path} ({triton_backend} backend); serve it with `samba-edge serve {out}`")
+
+
+@cli.command()
+@click.argument("repo")
+@click.option("--grpc-port", default=8001, show_default=True)
+@click.option("--http-port", default=8000, show_default=True)
+@click.option("--metrics-port", default=8002, show_default=True)
+@click.option("--server-env", help="the Python environment with samba-edge[serve] (default: $SAMBA_EDGE_TRITON_ENV, "
+              "else ~/.cache/samba-edge/triton-env, else tritonserver on PATH)")
+def serve(repo, grpc_port, http_port, metrics_port, server_env) -> None:
+    """Run Triton Inference Server on a model repository (127.0.0.1), streaming its log; Ctrl-C stops it."""
+    from samba_edge.tools.serve import serve as run
+
+    sys.exit(run(repo, grpc_port, http_port, metrics_port, server_env))
 
 
 @cli.command()

@@ -70,7 +70,8 @@ def read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> Optional[s
 
 def generate(artifact: str, prompt: Optional[str], params: SamplingParams, backend: str = "auto",
              state_in: Optional[str] = None, state_out: Optional[str] = None, tokenizer: Optional[str] = None,
-             write: Callable[[str], None] = sys.stdout.write) -> dict:
+             write: Callable[[str], None] = sys.stdout.write, server: Optional[str] = None,
+             model_name: str = "samba") -> dict:
     """Echo the prompt and stream its continuation through `write`; returns counts and timings. Loads (and validates) eagerly:
     nothing is written for bad input, and --state-out is only replaced by a complete snapshot."""
     if not prompt and state_in is None:
@@ -79,10 +80,18 @@ def generate(artifact: str, prompt: Optional[str], params: SamplingParams, backe
         check_text(prompt, "the prompt")
     if state_out:
         check_output_file(state_out, "--state-out")
-    model = open_model(artifact, backend, tokenizer=tokenizer)
+    if server:                      # a sequence on a Triton server (runtime/remote.py); text is tokenized here
+        from samba_edge.runtime.remote import connect
+
+        model, backend_name = connect(server, model_name, tokenizer or artifact), f"triton {server}/{model_name}"
+    else:
+        model = open_model(artifact, backend, tokenizer=tokenizer)
+        backend_name = model.backend.name
     if model.tokenizer is None:                             # generate reads and writes text: it needs one
-        raise SambaEdgeError(no_tokenizer_message(artifact, model.backend.name))
+        raise SambaEdgeError(no_tokenizer_message(artifact, backend_name))
     stream = model.restore(state_in) if state_in else model.new_stream()
+    if server:
+        stream.params = params                              # the prompt's request draws the first token
     t0 = time.perf_counter()
     if prompt:
         stream.feed_text(prompt)
@@ -96,10 +105,12 @@ def generate(artifact: str, prompt: Optional[str], params: SamplingParams, backe
     t2 = time.perf_counter()
     if state_out:
         stream.snapshot(state_out)
+    if server:
+        stream.close()
     new = stream.position - n0
     return {"prompt_tokens": n0 if not state_in else None, "new_tokens": new, "position": stream.position,
             "prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_tok_s": new / (t2 - t1) if new else 0.0,
-            "backend": model.backend.name}
+            "backend": backend_name}
 
 
 def _lines(lines: Optional[Sequence[str]]):
