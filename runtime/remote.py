@@ -134,10 +134,11 @@ class RemoteStream(TextStream):
         self.recent: collections.deque = collections.deque(maxlen=4096)
 
     def _request(self, ids, params: Optional[SamplingParams] = None, end: bool = False, snapshot: bool = False,
-                 draw: bool = False, reseed: bool = False):
+                 draw: bool = False, reseed: bool = False, logits: bool = True):
         """One request. draw (server sampling): the answer carries the next token, drawn with `params` (it
         advances the server's generator exactly as a local stream's draw does); reseed: params.seed first
-        restarts the generator (as a local generate_ids with a seed does)."""
+        restarts the generator (as a local generate_ids with a seed does); logits: fetch them (32K floats a token
+        at full size; generation with server sampling does without)."""
         if self.closed:
             raise SambaEdgeError("this remote stream is closed")
         m = self.model
@@ -159,11 +160,13 @@ class RemoteStream(TextStream):
         if snapshot:
             extra["want_snapshot"] = ("BOOL", True)
         draw = draw and m.server_sampling
-        outputs = ["logits", "position"] + (["next_token"] if draw else []) + (["snapshot"] if snapshot else [])
+        logits = logits or not m.server_sampling
+        outputs = ["position"] + (["logits"] if logits else []) + (["next_token"] if draw else []) + \
+            (["snapshot"] if snapshot else [])
         r = m.infer(self.corrid, ids, not self.started, end, extra, outputs)
         self.started, self._snapshot_in = True, None
         self.position = int(r.as_numpy("position").reshape(-1)[0])
-        self.last_logits = r.as_numpy("logits").reshape(-1)[: m.vocab_size].astype(np.float32)
+        self.last_logits = r.as_numpy("logits").reshape(-1)[: m.vocab_size].astype(np.float32) if logits else None
         self.recent.extend(int(i) for i in ids)
         self._next = (_key(p, reseed), int(r.as_numpy("next_token").reshape(-1)[0])) if draw else None
         return r
@@ -183,7 +186,7 @@ class RemoteStream(TextStream):
         return super().generate_text(prompt, params)
 
     def generate_ids(self, params: SamplingParams) -> Iterator[int]:
-        if self.last_logits is None and self._snapshot_in is None:
+        if not self.started and self._snapshot_in is None:
             raise SambaEdgeError("feed a prompt before generating")
         stop_ids = set(params.stop_token_ids)
         eos = self.model.tokenizer.eos_id if self.model.tokenizer is not None else None
@@ -192,7 +195,7 @@ class RemoteStream(TextStream):
             if tok == eos or tok in stop_ids:
                 return
             # the last token is fed without a draw: a local stream draws only when it chooses a token
-            self._request([tok], params, draw=i < params.max_new_tokens - 1)
+            self._request([tok], params, draw=i < params.max_new_tokens - 1, logits=False)
             yield tok
 
     def _draw(self, params: SamplingParams, first: bool) -> int:
@@ -206,7 +209,7 @@ class RemoteStream(TextStream):
             recent = list(self.recent)[-params.repetition_window:]
             return choose(self.last_logits, params, self.rng, recent)
         if self._next is None or self._next[0] != _key(params, first):
-            self._request([], params, draw=True, reseed=first)
+            self._request([], params, draw=True, reseed=first, logits=False)
         token, self._next = self._next[1], None
         return token
 
@@ -216,7 +219,7 @@ class RemoteStream(TextStream):
 
         from samba_edge.runtime.atomic import atomic_file
 
-        r = self._request([], snapshot=True, draw=False)
+        r = self._request([], snapshot=True, logits=False)
         data = bytes(r.as_numpy("snapshot").reshape(-1)[0])
         path = Path(path)
         tmp = atomic_file(path)
@@ -232,7 +235,7 @@ class RemoteStream(TextStream):
         """END: the server drops the sequence now (not at its idle timeout)."""
         if self.started and not self.closed:
             try:
-                self._request([], end=True, draw=False)
+                self._request([], end=True, logits=False)
             finally:
                 self.closed = True
         self.closed = True

@@ -327,16 +327,22 @@ def triton(source, out, name, triton_backend, max_batch, instances, idle_seconds
 
 
 @cli.command()
-@click.argument("repo")
+@click.argument("repo", required=False)
+@click.option("--setup", is_flag=True, help="create the server environment (a venv with samba-edge[serve]) and exit")
 @click.option("--grpc-port", default=8001, show_default=True)
 @click.option("--http-port", default=8000, show_default=True)
 @click.option("--metrics-port", default=8002, show_default=True)
 @click.option("--server-env", help="the Python environment with samba-edge[serve] (default: $SAMBA_EDGE_TRITON_ENV, "
               "else ~/.cache/samba-edge/triton-env, else tritonserver on PATH)")
-def serve(repo, grpc_port, http_port, metrics_port, server_env) -> None:
+def serve(repo, setup, grpc_port, http_port, metrics_port, server_env) -> None:
     """Run Triton Inference Server on a model repository (127.0.0.1), streaming its log; Ctrl-C stops it."""
-    from samba_edge.tools.serve import serve as run
+    from samba_edge.tools.serve import serve as run, setup_server_env
 
+    if setup:
+        click.echo(f"ready: {setup_server_env(server_env)}")
+        return
+    if not repo:
+        raise SambaEdgeError("give the model repository to serve (REPO), or --setup")
     sys.exit(run(repo, grpc_port, http_port, metrics_port, server_env))
 
 

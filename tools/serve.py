@@ -2,8 +2,9 @@
 
 Where tritonserver comes from, first found wins:
   1. --server-env DIR, $SAMBA_EDGE_TRITON_ENV, or ~/.cache/samba-edge/triton-env: a Python environment
-     with `pip install "samba-edge[serve]"` (nvidia-pytriton's bundled tritonserver, python backend only;
-     numpy<2, which the python backend's stub needs: with numpy 2 tensors arrive corrupted, silently).
+     with `pip install "samba-edge[serve]"` (`samba-edge serve --setup` makes it): nvidia-pytriton's bundled
+     tritonserver, python backend only, and numpy<2, which the python backend's stub needs (with numpy 2
+     tensors arrive corrupted, silently).
      Its python backend runs that environment's Python, so samba-edge and onnxruntime are importable.
   2. `tritonserver` on PATH (an NGC container or JetPack's Triton release: every backend), with
      --backend-directory defaulting to /opt/tritonserver/backends.
@@ -25,10 +26,6 @@ from pathlib import Path
 from typing import Optional
 
 from samba_edge.runtime.errors import SambaEdgeError
-
-SETUP_HINT = ('python -m venv ~/.cache/samba-edge/triton-env && ~/.cache/samba-edge/triton-env/bin/pip install '
-              '"samba-edge[serve]" (from a checkout: -e ".[serve]")')
-
 
 @dataclass
 class ServerInstall:
@@ -82,12 +79,47 @@ def find_server(server_env: Optional[str] = None, backend_dir: Optional[str] = N
             if found is not None:
                 return found
         elif server_env:
-            raise SambaEdgeError(f"--server-env {env} is not a directory; create it with: {SETUP_HINT}")
+            raise SambaEdgeError(f"--server-env {env} is not a directory; create it with "
+                                 f"`samba-edge serve --setup --server-env {env}`")
     on_path = shutil.which("tritonserver")
     if on_path:
         return ServerInstall(Path(on_path), Path(backend_dir or "/opt/tritonserver/backends"), {}, on_path)
     raise SambaEdgeError(f"no tritonserver found (no {' or '.join(map(str, _env_candidates(server_env)))} with "
-                         f"nvidia-pytriton, none on PATH); install one: {SETUP_HINT}")
+                         f"nvidia-pytriton, none on PATH); `samba-edge serve --setup` creates one")
+
+
+def default_env() -> Path:
+    return _env_candidates(None)[0]
+
+
+def setup_server_env(env: Optional[str] = None, quiet: bool = False) -> Path:
+    """Create the server environment (a venv of this Python with samba-edge[serve]: from this checkout when
+    samba-edge runs from one, else the same version from the package index). Redone if a run was cut short."""
+    import importlib.metadata
+
+    import samba_edge.runtime as rt
+
+    env_path = Path(env) if env else default_env()
+    ready = env_path / ".samba-edge-ready"
+    if ready.is_file():
+        return env_path
+    root = Path(rt.__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and 'name = "samba-edge"' in (root / "pyproject.toml").read_text():
+        spec = ["-e", f"{root}[serve]"]
+    else:
+        spec = [f"samba-edge[serve]=={importlib.metadata.version('samba-edge')}"]
+    if not quiet:
+        print(f"creating the Triton server environment {env_path} ({' '.join(spec)}) ...", file=sys.stderr, flush=True)
+    shutil.rmtree(env_path, ignore_errors=True)
+    steps = [[sys.executable, "-m", "venv", str(env_path)],
+             [str(env_path / "bin" / "python"), "-m", "pip", "install", "--quiet", *spec]]
+    for cmd in steps:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SambaEdgeError(f"creating {env_path} failed at `{' '.join(cmd[-3:])}`: {last}")
+    ready.write_text(" ".join(spec) + "\n")
+    return env_path
 
 
 def free_port() -> int:
