@@ -169,6 +169,13 @@ class Model:
         self.max_chunk = self.manifest.max_chunk
         # ORT sessions run concurrently; a torch module and a TensorRT execution context do not
         self._lock = threading.Lock() if backend.name in ("torch", "trt") else None
+        # the last batched step's streams, stacked output state and the per-stream views split from it: the
+        # same streams stepped again (a decode loop) feed that state as it is instead of stacking N windows
+        from samba_edge.runtime.backends import HostState
+
+        self._host_state = isinstance(backend, HostState)
+        self._last_batch: Optional[tuple] = None
+        self._batch_lock = threading.Lock()
 
     def run(self, ids: np.ndarray, start_pos: np.ndarray, state: list[np.ndarray]):
         if self._lock is None:
@@ -204,8 +211,11 @@ class Model:
             pos = np.array([s.position for s in streams], dtype=np.int64)
             be = self.backend
             with self._lock or contextlib.nullcontext():     # a batch slot (TensorRT) is held stack..split
-                logits, new = be.run(ids, pos, be.stack_states([s.state for s in streams]))
+                logits, new = be.run(ids, pos, self._stacked(streams))
                 parts = be.split_state(new, len(streams))
+                if self._host_state:
+                    with self._batch_lock:
+                        self._last_batch = (tuple(map(id, streams)), new, parts)
             out = []
             for i, (s, st) in enumerate(zip(streams, parts)):
                 s.state = st
@@ -215,6 +225,18 @@ class Model:
         finally:
             for _, lk in locks:
                 lk.release()
+
+    def _stacked(self, streams: Sequence["Stream"]) -> list:
+        """The streams' states stacked on the batch axis: the last step's output itself when these streams are
+        exactly the last batch and each still holds the state that step gave it (no copy of N windows)."""
+        with self._batch_lock:
+            last = self._last_batch
+            if last is not None and last[0] == tuple(map(id, streams)) and all(
+                    len(s.state) == len(p) and all(a is b for a, b in zip(s.state, p))
+                    for s, p in zip(streams, last[2])):
+                return last[1]
+            self._last_batch = None                         # another group: let the old stacked state go
+        return self.backend.stack_states([s.state for s in streams])
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:

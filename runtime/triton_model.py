@@ -181,6 +181,7 @@ class TritonPythonModel:
             if n:
                 groups.setdefault(n if n <= self.model.max_chunk else -i - 1, []).append(i)
         for n, members in groups.items():
+            members.sort(key=lambda i: jobs[i]["corrid"])     # a stable order: the same batch again is not re-stacked
             try:
                 if len(members) > 1:
                     self.model.step([jobs[i]["stream"] for i in members], [jobs[i]["ids"] for i in members])

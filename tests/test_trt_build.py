@@ -493,3 +493,24 @@ def test_validate_trt_runner_needs_an_engine_of_this_artifact(plugin_build, expo
         with pytest.raises(SambaEdgeError, match="no CUDA GPU"):
             validate(str(exports["plugin"]), backends=("ort", "trt"), steps=1, chunks=(1, 7),
                      engine=str(plugin_build[0]))
+
+
+def test_serving_graph_engines_for_triton(exports, tmp_path):
+    """The serving graph (Triton's tensorrt backend, implicit state) builds with its position and START inputs
+    in both profiles; a plugin-flavour serving engine needs the aot_impl route (Triton is a C++ server)."""
+    from samba_edge.plugins.trt_qdp import aot_route_available
+
+    manifest = Manifest.load(exports["portable"])
+    meta = _meta(build_engine(exports["portable"], tmp_path / "serve", max_batch=3, max_chunk=MAX_CHUNK,
+                              progress=False, serving="server"))
+    names = [t["name"] for t in meta["inputs"]]
+    assert names == ["input_ids", "pos", "START", *[s.name for s in manifest.state]]
+    assert [t["name"] for t in meta["outputs"]][:3] == ["logits", "next_token", "pos_out"]
+    assert meta["graph"] == "serving (server sampling)"
+    for p in meta["profiles"]:
+        assert p["inputs"]["pos"]["max"] == [3, 1] and p["inputs"]["START"]["min"] == [1, 1]
+        assert "start_pos" not in p["inputs"]
+    if not aot_route_available():
+        with pytest.raises(SambaEdgeError, match="cannot load python-route plugins"):
+            build_engine(exports["plugin"], tmp_path / "plug", progress=False, serving="server")
+        assert not (tmp_path / "plug").exists()
