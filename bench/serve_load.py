@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--server", help="HOST:PORT of a running server (else one is started here)")
     ap.add_argument("--model", default="samba")
     ap.add_argument("--threads", type=int, help="ONNX Runtime threads (the served model and the local runtime)")
+    ap.add_argument("--queue-delay-ms", type=float, help="the repository's batching delay (default: samba-edge "
+                    "triton's, from the model's size)")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
     ns = [int(x) for x in a.streams.split(",")]
@@ -126,11 +128,18 @@ def main(argv=None) -> int:
     prompts = [rng.integers(0, vocab, a.prompt_tokens).tolist() for _ in range(max(ns))]
     server = None
     if a.server is None:
-        from samba_edge.tools.serve import TritonServer
+        from samba_edge.runtime.errors import SambaEdgeError
+        from samba_edge.tools.serve import TritonServer, find_server, setup_server_env
         from samba_edge.tools.triton_repo import write_repository
 
+        try:
+            find_server()
+        except SambaEdgeError:
+            setup_server_env()                          # once: ~/.cache/samba-edge/triton-env
+
         work = Path(tempfile.mkdtemp(prefix="serve-load-"))
-        write_repository(a.artifact, work / "repo", a.model, "python", max_batch=max(ns), threads=a.threads)
+        write_repository(a.artifact, work / "repo", a.model, "python", max_batch=max(ns), threads=a.threads,
+                         queue_delay_ms=a.queue_delay_ms)
         server = TritonServer(work / "repo", log=(work / "server.log").open("w")).start()
         a.server = server.grpc_url
     rows = []

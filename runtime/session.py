@@ -29,6 +29,7 @@ from samba_edge.runtime.snapshot import load_snapshot, save_snapshot
 from samba_edge.runtime.userio import token_ids
 
 BACKENDS = ("auto", "ort", "torch", "trt")
+BATCHES_KEPT = 4                    # batched steps whose output state Model.step can feed again without a copy
 
 
 def cache_dir() -> Path:
@@ -169,12 +170,14 @@ class Model:
         self.max_chunk = self.manifest.max_chunk
         # ORT sessions run concurrently; a torch module and a TensorRT execution context do not
         self._lock = threading.Lock() if backend.name in ("torch", "trt") else None
-        # the last batched step's streams, stacked output state and the per-stream views split from it: the
-        # same streams stepped again (a decode loop) feed that state as it is instead of stacking N windows
+        # the last batched steps' streams -> (stacked output state, the per-stream views split from it): the
+        # same streams stepped again (a decode loop; a server's alternating cohorts) feed that state as it is
+        # instead of stacking N windows. The views keep the stacked arrays alive anyway: this costs no memory
+        # while the streams live.
         from samba_edge.runtime.backends import HostState
 
         self._host_state = isinstance(backend, HostState)
-        self._last_batch: Optional[tuple] = None
+        self._batches: collections.OrderedDict = collections.OrderedDict()
         self._batch_lock = threading.Lock()
 
     def run(self, ids: np.ndarray, start_pos: np.ndarray, state: list[np.ndarray]):
@@ -215,7 +218,9 @@ class Model:
                 parts = be.split_state(new, len(streams))
                 if self._host_state:
                     with self._batch_lock:
-                        self._last_batch = (tuple(map(id, streams)), new, parts)
+                        self._batches[tuple(map(id, streams))] = (new, parts)
+                        while len(self._batches) > BATCHES_KEPT:
+                            self._batches.popitem(last=False)
             out = []
             for i, (s, st) in enumerate(zip(streams, parts)):
                 s.state = st
@@ -227,15 +232,14 @@ class Model:
                 lk.release()
 
     def _stacked(self, streams: Sequence["Stream"]) -> list:
-        """The streams' states stacked on the batch axis: the last step's output itself when these streams are
-        exactly the last batch and each still holds the state that step gave it (no copy of N windows)."""
+        """The streams' states stacked on the batch axis: a recent step's output itself when these streams are
+        exactly that batch, in order, and each still holds the state that step gave it (no copy of N windows)."""
+        key = tuple(map(id, streams))
         with self._batch_lock:
-            last = self._last_batch
-            if last is not None and last[0] == tuple(map(id, streams)) and all(
-                    len(s.state) == len(p) and all(a is b for a, b in zip(s.state, p))
-                    for s, p in zip(streams, last[2])):
-                return last[1]
-            self._last_batch = None                         # another group: let the old stacked state go
+            kept = self._batches.pop(key, None)
+            if kept is not None and all(len(s.state) == len(p) and all(a is b for a, b in zip(s.state, p))
+                                        for s, p in zip(streams, kept[1])):
+                return kept[0]
         return self.backend.stack_states([s.state for s in streams])
 
     def encode(self, text: str) -> list[int]:

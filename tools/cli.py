@@ -316,13 +316,16 @@ def calibrate(export_dir: str, out: str, texts: tuple, token_ids: Optional[str],
               help="server (every answer carries the next token; python: the request's settings, the graphs: "
                    "greedy) | client (logits only)")
 @click.option("--threads", type=int, help="python backend: ONNX Runtime threads per instance")
+@click.option("--queue-delay-ms", type=float, help="how long a batch waits for more sequences (default: 5% of a "
+              "decode step estimated from the weights' size, 0.5-10 ms)")
 @click.option("--force", is_flag=True, help="replace the model if the repository has it")
-def triton(source, out, name, triton_backend, max_batch, instances, idle_seconds, sampling, threads, force) -> None:
+def triton(source, out, name, triton_backend, max_batch, instances, idle_seconds, sampling, threads, queue_delay_ms,
+           force) -> None:
     """Artifact or engine -> a Triton Inference Server model repository (sequence batcher, state per sequence)."""
     from samba_edge.tools.triton_repo import write_repository
 
     path = write_repository(source, out, name, triton_backend, max_batch, instances, idle_seconds, sampling,
-                            threads, force)
+                            threads, force, queue_delay_ms)
     click.echo(f"wrote {path} ({triton_backend} backend); serve it with `samba-edge serve {out}`")
 
 

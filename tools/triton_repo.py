@@ -26,6 +26,14 @@ from samba_edge.runtime.manifest import Manifest
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
+STEP_BANDWIDTH = {"cpu": 20e9, "gpu": 200e9}   # bytes/s a decode step streams its weights at, for the estimate
+
+
+def auto_queue_delay_ms(weight_bytes: int, device: str) -> float:
+    """5% of a decode step's estimated time (its weights read once), within 0.5..10 ms: long enough for the
+    sequences answered together to come back as one batch (bench/serve_load.py: at 421M on CPU, 4 streams
+    batch fully with 5 ms and not with 1 ms), short enough not to matter to one stream."""
+    return round(min(10.0, max(0.5, 0.05 * weight_bytes / STEP_BANDWIDTH[device] * 1e3)), 2)
 MODEL_PY = "from samba_edge.runtime.triton_model import TritonPythonModel  # noqa: F401  (samba-edge triton)\n"
 
 
@@ -51,7 +59,7 @@ def _controls(names: tuple) -> str:
 
 def config_pbtxt(manifest: Manifest, name: str, backend: str, max_batch: int = 8, instances: int = 1,
                  idle_seconds: float = 60, sampling: str = "server", gpu: bool = False,
-                 parameters: Optional[dict] = None) -> str:
+                 parameters: Optional[dict] = None, queue_delay_ms: float = 1.0) -> str:
     """config.pbtxt for one of BACKENDS."""
     vocab = manifest.vocab_size
     lines = [f'name: "{name}"']
@@ -85,7 +93,7 @@ def config_pbtxt(manifest: Manifest, name: str, backend: str, max_batch: int = 8
     lines.append("output [\n" + ",\n".join(outputs) + "\n]")
     seq = [f"  max_sequence_idle_microseconds: {int(idle_seconds * 1e6)}",
            f"  oldest {{ max_candidate_sequences: {max(4 * max_batch, 16)} preferred_batch_size: [ {max_batch} ] "
-           "max_queue_delay_microseconds: 1000 }",
+           f"max_queue_delay_microseconds: {int(queue_delay_ms * 1000)} }}",
            "  control_input [\n" + _controls(controls) + "\n  ]"]
     if state:
         seq.append("  state [\n" + ",\n".join(state) + "\n  ]")
@@ -124,7 +132,8 @@ def _serving_engine(artifact: Path, version: Path, max_batch: int, sampling: str
 
 def write_repository(source: str | Path, out: str | Path, name: str = "samba", backend: str = "python",
                      max_batch: int = 8, instances: int = 1, idle_seconds: float = 60, sampling: str = "server",
-                     threads: Optional[int] = None, force: bool = False) -> Path:
+                     threads: Optional[int] = None, force: bool = False,
+                     queue_delay_ms: Optional[float] = None) -> Path:
     """Write (or, with force, replace) the model NAME in repository OUT; returns the model's directory."""
     from samba_edge.runtime.atomic import atomic_dir
 
@@ -138,6 +147,8 @@ def write_repository(source: str | Path, out: str | Path, name: str = "samba", b
     for flag, v, lo in (("--max-batch", max_batch, 1), ("--instances", instances, 1)):
         if not isinstance(v, int) or v < lo:
             raise SambaEdgeError(f"{flag} must be an integer >= {lo}, got {v!r}")
+    if queue_delay_ms is not None and not 0 <= queue_delay_ms <= 1000:
+        raise SambaEdgeError(f"--queue-delay-ms must be in 0..1000, got {queue_delay_ms!r}")
     if not idle_seconds > 0:
         raise SambaEdgeError(f"--idle-seconds must be > 0, got {idle_seconds!r}")
     is_engine = (source / "engine.json").is_file()
@@ -156,6 +167,11 @@ def write_repository(source: str | Path, out: str | Path, name: str = "samba", b
                 "engine with --backend python")
     else:
         manifest, route = Manifest.load(source), None
+    if queue_delay_ms is None:
+        weights = (source / "engine.plan") if is_engine else None
+        size = weights.stat().st_size if weights is not None and weights.is_file() else sum(
+            p.stat().st_size for p in (source / manifest.onnx_file, source / f"{manifest.onnx_file}.data") if p.is_file())
+        queue_delay_ms = auto_queue_delay_ms(size, "gpu" if is_engine or backend == "tensorrt" else "cpu")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = out / name
@@ -176,9 +192,9 @@ def write_repository(source: str | Path, out: str | Path, name: str = "samba", b
             _serving_engine(source, version, max_batch, sampling)
         (tmp / "config.pbtxt").write_text(config_pbtxt(
             manifest, name, backend, max_batch, instances, idle_seconds, sampling,
-            gpu=is_engine or backend == "tensorrt", parameters=params))
+            gpu=is_engine or backend == "tensorrt", parameters=params, queue_delay_ms=queue_delay_ms))
         (tmp / "samba-edge.json").write_text(json.dumps(
             {"source": str(source.resolve()), "backend": backend, "sampling": sampling, "route": route,
-             "vocab_size": manifest.vocab_size, "max_chunk": manifest.max_chunk,
+             "vocab_size": manifest.vocab_size, "max_chunk": manifest.max_chunk, "queue_delay_ms": queue_delay_ms,
              "fingerprint": manifest.fingerprint}, indent=2) + "\n")
     return model_dir
