@@ -27,6 +27,7 @@ from samba_edge.runtime.errors import SambaEdgeError
 from samba_edge.runtime.sampling import SamplingParams, choose
 from samba_edge.runtime.session import TextStream
 
+SEQUENCE_HEADER = "x-samba-sequence"    # the correlation id again, for a load balancer to hash on (docs/serving.md)
 CLIENT_HINT = 'the Triton client needs tritonclient: pip install "tritonclient[grpc]"'
 
 
@@ -113,7 +114,7 @@ class RemoteModel:
         try:
             r = self.client.infer(self.name, tensors, outputs=[g.InferRequestedOutput(o) for o in outputs],
                                   sequence_id=corrid, sequence_start=start, sequence_end=end,
-                                  client_timeout=self.timeout)
+                                  client_timeout=self.timeout, headers={SEQUENCE_HEADER: str(corrid)})
         except self.Error as e:
             raise SambaEdgeError(f"the server refused the request: {e.message()}") from None
         return r
