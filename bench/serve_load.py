@@ -67,7 +67,12 @@ def remote_load(url: str, name: str, n: int, prompts: list, tokens: int) -> dict
     threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
-    barrier.wait()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        for t in threads:
+            t.join()
+        raise errors[0] from None
     t0 = time.perf_counter()
     for t in threads:
         t.join()

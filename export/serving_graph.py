@@ -5,8 +5,9 @@ and batches across sequences; the graph only has to make every piece of a stream
 The step graph's state pairs already are; the wrapper adds the position as one more (a client cannot be
 trusted to count) and returns what a client needs instead of what the runtime needs:
 
-    input_ids [B, S] int64, pos [B, 1] int64, START [B, 1] int32 (the batcher's control; unused: on START
-    the server resets every state, pos included, to zeros), the manifest's state inputs
+    input_ids [B, S] int64, pos [B, 1] int64, START and READY [B, 1] int32 (the batcher's controls; unused:
+    on START the server resets every state, pos included, to zeros; no CORRID: the server keys the state by
+    it, the graph never needs it, and TensorRT has no uint64), the manifest's state inputs
       -> logits [B, V] (the last position's), next_token [B, 1] (greedy; `sampling="server"` only),
          pos_out [B, 1] = pos + S, the manifest's state outputs
 
@@ -23,7 +24,7 @@ from onnx import TensorProto, helper
 from samba_edge.runtime.manifest import Manifest
 
 POSITION = ("pos", "pos_out")           # the position's state pair (input, output)
-CONTROL_START = "START"
+CONTROLS = ("START", "READY")           # the batcher's controls the graph takes ([B, 1] int32 each; unused)
 
 
 def serving_graph(artifact: str | Path, sampling: str = "server", bodies: bool = True) -> onnx.ModelProto:
@@ -42,9 +43,9 @@ def serving_graph(artifact: str | Path, sampling: str = "server", bodies: bool =
     start = next(i for i in g.input if i.name == "start_pos")
     g.input.remove(start)
     pos_in = helper.make_tensor_value_info(POSITION[0], TensorProto.INT64, ["batch", 1])
-    start_ctl = helper.make_tensor_value_info(CONTROL_START, TensorProto.INT32, ["batch", 1])
     g.input.insert(1, pos_in)
-    g.input.insert(2, start_ctl)
+    for i, name in enumerate(CONTROLS):
+        g.input.insert(2 + i, helper.make_tensor_value_info(name, TensorProto.INT32, ["batch", 1]))
     n = helper.make_node
     c = helper.make_tensor
     head = [

@@ -7,8 +7,9 @@ generate_ids, generate_text, snapshot, close), each one a sequence of the server
         print(piece, end="")
     s.close()                                   # END: the server drops the sequence
 
-Each stream gets a fresh random correlation id; its first request carries START (a restored one also
-sends its snapshot). Models written by `samba-edge triton` with `--sampling server` answer every
+Each stream gets a fresh random correlation id and its own gRPC stream (Triton's bidirectional streaming
+API: one open call per sequence, the correlation id also sent as the `x-samba-sequence` header for a sticky
+load balancer); its first request carries START (a restored one also sends its snapshot). Models written by `samba-edge triton` with `--sampling server` answer every
 request with the next token, drawn on the server with the request's settings from the sequence's own
 generator (seeded as a local stream's), so a remote stream gives a local one's tokens, draw for draw;
 with `--sampling client` the server returns logits and the client draws. Text is encoded and decoded
@@ -67,7 +68,6 @@ class RemoteModel:
                                  "sequence batcher); write one with `samba-edge triton`")
         self.vocab_size = int(outputs["logits"].dims[-1])
         self.server_sampling = "next_token" in outputs
-        self.inputs = {i.name for i in config.input}
         self.tokenizer = self._tokenizer(tokenizer) if tokenizer else None
         if self.tokenizer is not None and self.tokenizer.vocab_size > self.vocab_size:
             raise SambaEdgeError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but {name!r} has a vocabulary "
@@ -100,7 +100,7 @@ class RemoteModel:
         s._snapshot_in = Path(path).read_bytes()
         return s
 
-    def infer(self, corrid: int, ids, start: bool, end: bool, extra: dict, outputs: list[str]):
+    def tensors(self, ids, extra: dict) -> list:
         g = self.grpc
         a = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         tensors = [g.InferInput("input_ids", list(a.shape), "INT64")]
@@ -111,13 +111,39 @@ class RemoteModel:
                                                              "INT64": np.int64, "BOOL": bool,
                                                              "BYTES": np.object_}[dtype]))
             tensors.append(t)
+        return tensors
+
+
+class _SequenceChannel:
+    """One gRPC bidirectional stream per sequence (Triton's streaming API): its requests go out on one
+    open call instead of one call each; answers come back through a queue."""
+
+    def __init__(self, model: RemoteModel, corrid: int) -> None:
+        import queue
+
+        self.model, self.corrid, self.answers = model, corrid, queue.Queue()
+        self.client = model.grpc.InferenceServerClient(model.url)
+        self.client.start_stream(callback=lambda result, error: self.answers.put((result, error)),
+                                 headers={SEQUENCE_HEADER: str(corrid)})
+
+    def request(self, ids, start: bool, end: bool, extra: dict, outputs: list[str]):
+        import queue
+
+        m, g = self.model, self.model.grpc
+        self.client.async_stream_infer(m.name, m.tensors(ids, extra), outputs=[g.InferRequestedOutput(o) for o in outputs],
+                                       sequence_id=self.corrid, sequence_start=start, sequence_end=end)
         try:
-            r = self.client.infer(self.name, tensors, outputs=[g.InferRequestedOutput(o) for o in outputs],
-                                  sequence_id=corrid, sequence_start=start, sequence_end=end,
-                                  client_timeout=self.timeout, headers={SEQUENCE_HEADER: str(corrid)})
-        except self.Error as e:
-            raise SambaEdgeError(f"the server refused the request: {e.message()}") from None
-        return r
+            result, error = self.answers.get(timeout=m.timeout)
+        except queue.Empty:
+            raise SambaEdgeError(f"no answer from {m.url} within {m.timeout:g} s") from None
+        if error is not None:
+            msg = error.message() if hasattr(error, "message") else str(error)
+            raise SambaEdgeError(f"the server refused the request: {msg}")
+        return result
+
+    def close(self) -> None:
+        self.client.stop_stream()
+        self.client.close()
 
 
 class RemoteStream(TextStream):
@@ -131,6 +157,7 @@ class RemoteStream(TextStream):
         self._next: Optional[tuple] = None           # (settings, token) the server drew after the last request
         self._snapshot_in: Optional[bytes] = None
         self.params: Optional[SamplingParams] = None     # what feed's requests draw with (server sampling)
+        self._channel: Optional[_SequenceChannel] = None
         self.rng = np.random.default_rng(seed)       # client sampling only
         self.recent: collections.deque = collections.deque(maxlen=4096)
 
@@ -164,7 +191,9 @@ class RemoteStream(TextStream):
         logits = logits or not m.server_sampling
         outputs = ["position"] + (["logits"] if logits else []) + (["next_token"] if draw else []) + \
             (["snapshot"] if snapshot else [])
-        r = m.infer(self.corrid, ids, not self.started, end, extra, outputs)
+        if self._channel is None:
+            self._channel = _SequenceChannel(m, self.corrid)
+        r = self._channel.request(ids, not self.started, end, extra, outputs)
         self.started, self._snapshot_in = True, None
         self.position = int(r.as_numpy("position").reshape(-1)[0])
         self.last_logits = r.as_numpy("logits").reshape(-1)[: m.vocab_size].astype(np.float32) if logits else None
@@ -234,12 +263,21 @@ class RemoteStream(TextStream):
 
     def close(self) -> None:
         """END: the server drops the sequence now (not at its idle timeout)."""
-        if self.started and not self.closed:
-            try:
+        try:
+            if self.started and not self.closed:
                 self._request([], end=True, logits=False)
-            finally:
-                self.closed = True
-        self.closed = True
+        finally:
+            self.closed = True
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = None
+
+    def __del__(self) -> None:                      # an abandoned stream still ends its gRPC call
+        if getattr(self, "_channel", None) is not None:
+            try:
+                self._channel.close()
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass
 
 
 def _key(p: SamplingParams, reseeded: bool) -> tuple:

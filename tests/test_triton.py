@@ -231,7 +231,8 @@ def test_onnxruntime_repository_serving_graph_equals_local(tiny_export, tmp_path
     assert all(s.initial_state[0].zero_data for s in states.values())
     assert [list(states[s.name].dims) for s in m.state] == [s.shape for s in m.state]
     sess = ort.InferenceSession(str(d / "1" / "model.onnx"))
-    assert {i.name for i in sess.get_inputs()} == {"input_ids", "pos", "START", *states}
+    assert {c.name for c in cfg.sequence_batching.control_input} == {"START", "READY"}
+    assert {i.name for i in sess.get_inputs()} == {"input_ids", "pos", "START", "READY", *states}
     # three sequences batched as the server batches them; the state carried between calls as it carries it
     model = open_model(str(art))
     rng = np.random.default_rng(2)
@@ -242,7 +243,8 @@ def test_onnxruntime_repository_serving_graph_equals_local(tiny_export, tmp_path
     ids, got = prompts, [[], [], []]
     for _ in range(5):
         out = dict(zip([o.name for o in sess.get_outputs()],
-                       sess.run(None, {"input_ids": ids, "START": np.zeros([3, 1], np.int32), **carried})))
+                       sess.run(None, {"input_ids": ids, "START": np.zeros([3, 1], np.int32),
+                                       "READY": np.ones([3, 1], np.int32), **carried})))
         for s in states.values():
             carried[s.input_name] = out[s.output_name]
         for b in range(3):

@@ -504,7 +504,7 @@ def test_serving_graph_engines_for_triton(exports, tmp_path):
     meta = _meta(build_engine(exports["portable"], tmp_path / "serve", max_batch=3, max_chunk=MAX_CHUNK,
                               progress=False, serving="server"))
     names = [t["name"] for t in meta["inputs"]]
-    assert names == ["input_ids", "pos", "START", *[s.name for s in manifest.state]]
+    assert names == ["input_ids", "pos", "START", "READY", *[s.name for s in manifest.state]]
     assert [t["name"] for t in meta["outputs"]][:3] == ["logits", "next_token", "pos_out"]
     assert meta["graph"] == "serving (server sampling)"
     for p in meta["profiles"]:

@@ -62,12 +62,12 @@ def _dim_values(spec_shape: list, batch: int, seq: int) -> tuple[int, ...]:
 
 def graph_inputs(manifest: Manifest, serving: bool = False) -> list:
     """The (name, shape) of the graph's inputs: the manifest's, or the serving graph's (start_pos replaced by
-    the position state and the sequence batcher's START control; export/serving_graph.py)."""
+    the position state and the sequence batcher's controls; export/serving_graph.py)."""
     if not serving:
         return [(t.name, t.shape) for t in manifest.inputs]
-    from samba_edge.export.serving_graph import CONTROL_START, POSITION
+    from samba_edge.export.serving_graph import CONTROLS, POSITION
 
-    extra = [(POSITION[0], ["batch", 1]), (CONTROL_START, ["batch", 1])]
+    extra = [(POSITION[0], ["batch", 1])] + [(c, ["batch", 1]) for c in CONTROLS]
     return [(t.name, t.shape) for t in manifest.inputs[:1]] + extra + [(t.name, t.shape) for t in manifest.inputs[2:]]
 
 

@@ -80,10 +80,10 @@ def config_pbtxt(manifest: Manifest, name: str, backend: str, max_batch: int = 8
                     _tensor("snapshot", "TYPE_STRING", [1])]
         controls, state = ("START", "END", "CORRID"), []
     else:
-        from samba_edge.export.serving_graph import CONTROL_START, POSITION
+        from samba_edge.export.serving_graph import CONTROLS, POSITION
 
         inputs = [_tensor("input_ids", "TYPE_INT64", [-1])]
-        controls = (CONTROL_START,)
+        controls = CONTROLS
         zero = "initial_state: {{ data_type: {t} dims: {d} zero_data: true name: \"zeros\" }}"
         state = [(POSITION[0], POSITION[1], "TYPE_INT64", [1])] + \
                 [(s.name, s.output, TYPES[s.dtype], s.shape) for s in manifest.state]
