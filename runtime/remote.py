@@ -198,7 +198,10 @@ class RemoteStream(TextStream):
         self.position = int(r.as_numpy("position").reshape(-1)[0])
         self.last_logits = r.as_numpy("logits").reshape(-1)[: m.vocab_size].astype(np.float32) if logits else None
         self.recent.extend(int(i) for i in ids)
-        self._next = (_key(p, reseed), int(r.as_numpy("next_token").reshape(-1)[0])) if draw else None
+        if draw:
+            self._next = (_key(p, reseed), int(r.as_numpy("next_token").reshape(-1)[0]))
+        elif len(ids):
+            self._next = None                        # fed without a draw: nothing drawn for the new state
         return r
 
     def feed(self, ids, params: Optional[SamplingParams] = None) -> np.ndarray:
