@@ -60,19 +60,19 @@ def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     p = _probabilities(z, params)
     if params.top_p < 1.0:
         p = _only(p, _nucleus(p, params.top_p))
-    cdf = p.cumsum()                           # what Generator.choice(n, p=p) does, after its checks
+    cdf = np.cumsum(p, out=p)                  # what Generator.choice(n, p=p) does, after its checks
     cdf /= cdf[-1]
     return int(cdf.searchsorted(rng.random(), side="right"))
 
 
 def _nucleus(p: np.ndarray, top_p: float, first: int = 256) -> np.ndarray:
-    """The indices `choose_ref` keeps for top-p (the prefix of the stable descending order whose cumulative
-    sum first reaches top_p), without an argsort: that prefix's cumulative sums are those of the sorted
-    values (tied values are interchangeable in a sum), so the sorted values give its length n + 1 and its
-    last value v; it holds every index with p > v and the lowest-index ties at v. The values are sorted
-    among the largest `first` only when those already reach top_p (a peaked distribution), else all."""
+    """The mask of the indices `choose_ref` keeps for top-p (the prefix of the stable descending order whose
+    cumulative sum first reaches top_p), without an argsort: that prefix's cumulative sums are those of the
+    sorted values (tied values are interchangeable in a sum), so the sorted values give its length n + 1
+    and its last value v; it holds every index with p > v and the lowest-index ties at v. The values are
+    sorted among the largest `first` only when those can reach top_p (a peaked distribution), else all."""
     vals = None
-    if first < p.size:
+    if first < p.size and first * p.max() >= top_p:          # else the largest `first` cannot reach it
         top = p[p >= np.partition(p, p.size - first)[p.size - first]]
         vals = np.sort(top)[::-1]
         if np.searchsorted(np.cumsum(vals), top_p) >= vals.size:
@@ -81,9 +81,11 @@ def _nucleus(p: np.ndarray, top_p: float, first: int = 256) -> np.ndarray:
         vals = np.sort(p)[::-1]
     n = int(np.searchsorted(np.cumsum(vals), top_p))
     if n >= vals.size:                          # rounding kept the sum below top_p: everything
-        return np.arange(p.size)
-    above = np.flatnonzero(p > vals[n])
-    return np.concatenate([above, np.flatnonzero(p == vals[n])[: n + 1 - above.size]])
+        return np.ones(p.size, dtype=bool)
+    keep = p > vals[n]
+    ties = np.flatnonzero(p == vals[n])
+    keep[ties[: n + 1 - int(np.count_nonzero(keep))]] = True
+    return keep
 
 
 def _penalised(logits: np.ndarray, params: SamplingParams, recent: Sequence[int]) -> np.ndarray:
@@ -106,10 +108,14 @@ def _probabilities(z: np.ndarray, params: SamplingParams) -> np.ndarray:
 
 
 def _only(p: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """p renormalised over the indices `keep`, zero elsewhere."""
-    mask = np.zeros_like(p)
-    mask[keep] = p[keep]
-    return mask / mask.sum()
+    """p renormalised over `keep` (indices or a boolean mask), zero elsewhere."""
+    if keep.dtype == bool:
+        mask = np.where(keep, p, 0.0)
+    else:
+        mask = np.zeros_like(p)
+        mask[keep] = p[keep]
+    mask /= mask.sum()
+    return mask
 
 
 def choose_ref(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, recent: Sequence[int] = ()) -> int:
