@@ -106,6 +106,8 @@ def test_python_repository_config_parses(tiny_export, tmp_path):
     (["--max-batch", "0"], "--max-batch"),
     (["--sampling", "maybe"], "--sampling"),
     (["--idle-seconds", "0"], "--idle-seconds"),
+    (["--threads", "0"], "--threads"),
+    (["--queue-delay-ms", "-1"], "--queue-delay-ms"),
 ])
 def test_triton_command_refuses_bad_options(tiny_export, tmp_path, capsys, args, match):
     from samba_edge.tools.cli import main

@@ -144,7 +144,8 @@ def write_repository(source: str | Path, out: str | Path, name: str = "samba", b
         raise SambaEdgeError(f"--sampling must be server or client, got {sampling!r}")
     if not name or Path(name).name != name or name.startswith("."):
         raise SambaEdgeError(f"--name {name!r} is not a model name (one path component)")
-    for flag, v, lo in (("--max-batch", max_batch, 1), ("--instances", instances, 1)):
+    for flag, v, lo in (("--max-batch", max_batch, 1), ("--instances", instances, 1),
+                        *((("--threads", threads, 1),) if threads is not None else ())):
         if not isinstance(v, int) or v < lo:
             raise SambaEdgeError(f"{flag} must be an integer >= {lo}, got {v!r}")
     if queue_delay_ms is not None and not 0 <= queue_delay_ms <= 1000:
