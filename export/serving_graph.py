@@ -84,17 +84,13 @@ def save_serving_graph(proto: onnx.ModelProto, artifact: str | Path, out_dir: Pa
                        name: str = "model.onnx") -> Path:
     """Write the graph into `out_dir` with its weights beside it (hard links where the file system
     allows, else copies): ONNX Runtime refuses external data outside the model's directory."""
-    import os
-    import shutil
+    from samba_edge.runtime.atomic import link_or_copy
 
     artifact = Path(artifact)
     for f in sorted({i.value for t in proto.graph.initializer for i in t.external_data if i.key == "location"}):
         dst = out_dir / f
         dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(artifact / f, dst)
-        except OSError:
-            shutil.copyfile(artifact / f, dst)
+        link_or_copy(artifact / f, dst)
     path = out_dir / name
     onnx.save(proto, str(path))
     return path

@@ -127,6 +127,14 @@ class _AtomicDir:
             os.replace(self.tmp, self.out)
 
 
+def link_or_copy(src, dst) -> None:
+    """Hard-link `src` at `dst` where the file system allows (a 1.7 GB artifact costs nothing), else copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def atomic_file(path: Path):
     """A temp file path beside `path` (named for recover()); the caller writes it, then os.replace."""
     path = Path(path)

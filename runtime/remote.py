@@ -18,6 +18,7 @@ here, with a local tokenizer (the artifact's). Needs `pip install "tritonclient[
 from __future__ import annotations
 
 import collections
+import queue
 import secrets
 from pathlib import Path
 from typing import Iterator, Optional
@@ -119,16 +120,12 @@ class _SequenceChannel:
     open call instead of one call each; answers come back through a queue."""
 
     def __init__(self, model: RemoteModel, corrid: int) -> None:
-        import queue
-
         self.model, self.corrid, self.answers = model, corrid, queue.Queue()
         self.client = model.grpc.InferenceServerClient(model.url)
         self.client.start_stream(callback=lambda result, error: self.answers.put((result, error)),
                                  headers={SEQUENCE_HEADER: str(corrid)})
 
     def request(self, ids, start: bool, end: bool, extra: dict, outputs: list[str]):
-        import queue
-
         m, g = self.model, self.model.grpc
         self.client.async_stream_infer(m.name, m.tensors(ids, extra), outputs=[g.InferRequestedOutput(o) for o in outputs],
                                        sequence_id=self.corrid, sequence_start=start, sequence_end=end)

@@ -81,7 +81,7 @@ class TritonPythonModel:
     def _sweep(self) -> None:
         """Forget sequences idle for longer than idle_seconds (the batcher has forgotten them too)."""
         now = time.monotonic()
-        with self.lock:
+        with self.lock:                 # chosen and dropped under one lock: a START in between is not dropped
             for corrid in [c for c, t in self.last_used.items() if now - t > self.idle_seconds]:
                 self.streams.pop(corrid, None)
                 self.last_used.pop(corrid, None)

@@ -104,16 +104,6 @@ def config_pbtxt(manifest: Manifest, name: str, backend: str, max_batch: int = 8
     return "\n".join(lines) + "\n"
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    """Copy a directory, hard-linking files where the file system allows (a 1.7 GB artifact costs nothing)."""
-    def link_or_copy(a, b):
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-    shutil.copytree(src, dst, copy_function=link_or_copy)
-
-
 def _serving_engine(artifact: Path, version: Path, max_batch: int, sampling: str) -> None:
     """model.plan: the serving graph built by `samba-edge build`'s builder (plugin flavour: aot_impl only)."""
     from samba_edge.plugins.trt_import import import_trt
@@ -135,7 +125,8 @@ def write_repository(source: str | Path, out: str | Path, name: str = "samba", b
                      threads: Optional[int] = None, force: bool = False,
                      queue_delay_ms: Optional[float] = None) -> Path:
     """Write (or, with force, replace) the model NAME in repository OUT; returns the model's directory."""
-    from samba_edge.runtime.atomic import atomic_dir
+    from samba_edge.runtime.atomic import atomic_dir, link_or_copy
+    from samba_edge.runtime.integrity import graph_files
 
     source = Path(source)
     if backend not in BACKENDS:
@@ -171,7 +162,7 @@ def write_repository(source: str | Path, out: str | Path, name: str = "samba", b
     if queue_delay_ms is None:
         weights = (source / "engine.plan") if is_engine else None
         size = weights.stat().st_size if weights is not None and weights.is_file() else sum(
-            p.stat().st_size for p in (source / manifest.onnx_file, source / f"{manifest.onnx_file}.data") if p.is_file())
+            p.stat().st_size for p in graph_files(source, manifest.onnx_file))
         queue_delay_ms = auto_queue_delay_ms(size, "gpu" if is_engine or backend == "tensorrt" else "cpu")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +172,7 @@ def write_repository(source: str | Path, out: str | Path, name: str = "samba", b
         version.mkdir()
         params = {}
         if backend == "python":
-            _link_tree(source, version / "artifact")
+            shutil.copytree(source, version / "artifact", copy_function=link_or_copy)
             (version / "model.py").write_text(MODEL_PY)
             params = {"artifact": "artifact", "runtime_backend": "trt" if is_engine else "ort",
                       "idle_seconds": f"{idle_seconds:g}", "sampling": sampling, "threads": str(threads or 0)}
